@@ -1,0 +1,38 @@
+# make serve: venv + pinned install + database + gunicorn on $(HOST):$(PORT).  make test: lint + every test.
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV ?= .venv
+BIN = $(VENV)/bin
+HOST ?= 127.0.0.1
+PORT ?= 8080
+export GATEWAY_CONFIG ?= $(CURDIR)/config.toml
+
+.PHONY: serve test lint key bench clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+
+$(VENV)/.runtime: requirements.txt | $(BIN)/python
+	$(BIN)/python -m pip install -q -r requirements.txt
+	touch $@
+
+$(VENV)/.dev: requirements-dev.txt $(VENV)/.runtime
+	$(BIN)/python -m pip install -q -r requirements-dev.txt
+	touch $@
+
+serve: $(VENV)/.runtime
+	$(BIN)/flask --app app init-db
+	HOST=$(HOST) PORT=$(PORT) $(BIN)/gunicorn -c gunicorn.conf.py app:app
+
+key: $(VENV)/.runtime
+	$(BIN)/flask --app app keys create --name "$${NAME:-me}" --credits "$${CREDITS:-5}"
+
+lint: $(VENV)/.dev
+	$(BIN)/ruff check .
+
+test: $(VENV)/.dev
+	$(BIN)/ruff check .
+	$(BIN)/python -m pytest -q
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache

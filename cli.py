@@ -1,0 +1,121 @@
+"""The operator's commands: `flask --app app keys create|list|topup|revoke`, `usage`, `audit`, `init-db`."""
+from __future__ import annotations
+
+import sys
+from datetime import datetime
+
+import click
+from flask import Flask, current_app
+
+import billing
+import db
+import keys
+
+
+def _credits(value: str) -> int:
+    try:
+        return billing.parse_credits(value)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc)) from None
+
+
+def _db() -> str:
+    return current_app.config["GATEWAY"].server.database
+
+
+def _limit(value: int | None, default: int) -> str:
+    value = default if value is None else value
+    return "unlimited" if value == 0 else str(value)
+
+
+def register(app: Flask) -> None:
+    """Attach the commands to the app's CLI."""
+    group = click.Group("keys", help="Create, list, top up and revoke API keys.")
+
+    @group.command("create")
+    @click.option("--name", required=True, help="A label for the key's holder.")
+    @click.option("--credits", "amount", required=True, help="Opening balance in credits, e.g. 5 or 0.5.")
+    @click.option("--rpm", type=click.IntRange(min=0), default=None, help="Requests per minute (0: unlimited).")
+    @click.option("--rpd", type=click.IntRange(min=0), default=None, help="Requests per day (0: unlimited).")
+    def create(name: str, amount: str, rpm: int | None, rpd: int | None) -> None:
+        """Create a key. Its secret is printed once, as the last line."""
+        nano = _credits(amount)
+        with db.cli_connection(_db()) as conn:
+            key_id, secret = keys.create(conn, name, nano, rpm, rpd)
+        click.echo(f"Created key {key_id} ({name}) with {billing.format_credits(nano)} credits. "
+                   "Store the key now; it is not shown again:", err=False)
+        click.echo(secret)
+
+    @group.command("list")
+    def list_keys() -> None:
+        """One key per line: id, name, prefix, balance, rpm, rpd, state."""
+        cfg = current_app.config["GATEWAY"]
+        with db.cli_connection(_db()) as conn:
+            for row in keys.list_all(conn):
+                state = "revoked" if row["revoked_at"] else "active"
+                click.echo(f"{row['id']}\t{row['name']}\t{row['prefix']}...\t{billing.format_credits(row['balance'])}"
+                           f"\trpm={_limit(row['rpm'], cfg.limits.default_rpm)}"
+                           f"\trpd={_limit(row['rpd'], cfg.limits.default_rpd)}\t{state}")
+
+    @group.command("topup")
+    @click.argument("key_id", type=int)
+    @click.argument("amount")
+    def topup(key_id: int, amount: str) -> None:
+        """Add AMOUNT credits to key KEY_ID."""
+        nano = _credits(amount)
+        with db.cli_connection(_db()) as conn:
+            try:
+                balance = keys.topup(conn, key_id, nano)
+            except LookupError as exc:
+                raise click.ClickException(str(exc)) from None
+        click.echo(f"Key {key_id} now has {billing.format_credits(balance)} credits.")
+
+    @group.command("revoke")
+    @click.argument("key_id", type=int)
+    def revoke(key_id: int) -> None:
+        """Revoke key KEY_ID; requests with it are refused from now on."""
+        with db.cli_connection(_db()) as conn:
+            if not keys.revoke(conn, key_id):
+                raise click.ClickException(f"no active key with id {key_id}")
+        click.echo(f"Key {key_id} revoked.")
+
+    app.cli.add_command(group)
+
+    @app.cli.command("usage")
+    @click.option("--key", "key_id", type=int, default=None, help="Only this key's rows.")
+    @click.option("--limit", type=int, default=20, show_default=True)
+    def usage(key_id: int | None, limit: int) -> None:
+        """Recent usage rows, newest first."""
+        where, args = ("WHERE key_id = ?", (key_id, limit)) if key_id is not None else ("", (limit,))
+        with db.cli_connection(_db()) as conn:
+            rows = conn.execute(f"SELECT * FROM usage {where} ORDER BY id DESC LIMIT ?", args).fetchall()
+        click.echo("time\trequest_id\tkey\troute\tmodel\tstatus\tprompt\tcompletion\tunits\tcost\tuncollected")
+        for r in rows:
+            when = datetime.fromtimestamp(r["created_at"]).strftime("%Y-%m-%d %H:%M:%S")
+            click.echo(f"{when}\t{r['request_id']}\t{r['key_id']}\t{r['route']}\t{r['model']}\t{r['status']}\t"
+                       f"{r['prompt_tokens']}\t{r['completion_tokens']}\t{r['units']:g}\t"
+                       f"{billing.format_credits(r['cost'])}\t{billing.format_credits(r['uncollected'])}")
+
+    @app.cli.command("audit")
+    def audit() -> None:
+        """Check that every key's balance plus open holds equals the sum of its ledger; exit 1 if not."""
+        with db.cli_connection(_db()) as conn:
+            bad = billing.audit(conn)
+            count = conn.execute("SELECT COUNT(*) FROM api_keys").fetchone()[0]
+        for key_id, balance, held, ledger in bad:
+            click.echo(f"key {key_id}: balance {billing.format_credits(balance)} + held "
+                       f"{billing.format_credits(held)} != ledger {billing.format_credits(ledger)}")
+        if bad:
+            click.echo(f"audit FAILED for {len(bad)} of {count} keys")
+            sys.exit(1)
+        click.echo(f"audit OK: {count} keys, every balance plus open holds equals its ledger")
+
+    @app.cli.command("init-db")
+    def init_db() -> None:
+        """Create the database and apply schema.sql (idempotent)."""
+        db.init(_db())
+        with db.cli_connection(_db()) as conn:
+            count = conn.execute("SELECT COUNT(*) FROM api_keys WHERE revoked_at IS NULL").fetchone()[0]
+        click.echo(f"Database ready at {_db()} ({count} active keys).")
+        if count == 0:
+            click.echo("No key yet: create one with  flask --app app keys create --name me --credits 5")

@@ -1,0 +1,231 @@
+"""config.toml, read once into frozen dataclasses and validated; a bad file stops start-up with one sentence."""
+from __future__ import annotations
+
+import os
+import tomllib
+from dataclasses import MISSING, dataclass, field, fields
+from decimal import Decimal
+from pathlib import Path
+from typing import Any
+
+NANO = 10**9
+UPSTREAM_KINDS = ("openai", "gemini", "lyria")
+MODEL_MODES = ("chat", "image", "music")
+
+
+class ConfigError(Exception):
+    """A config problem, phrased as one sentence naming the key and the fix."""
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    owner: str = "violations"
+    database: str = "gateway.db"
+    max_body_bytes: int = 20 * 1024 * 1024
+    # Streams send an SSE comment this often while the upstream is silent, so a vanished client is noticed.
+    heartbeat_seconds: float = 10.0
+    # A hold older than this at start-up belongs to a dead process and is returned to its key.
+    hold_ttl_seconds: int = 3600
+
+
+@dataclass(frozen=True)
+class LimitsConfig:
+    default_rpm: int = 60
+    default_rpd: int = 10000
+    storage_uri: str = "memory://"
+    strategy: str = "fixed-window"
+
+
+@dataclass(frozen=True)
+class UpstreamConfig:
+    name: str
+    kind: str
+    base_url: str
+    api_key_env: str = ""
+    timeout_seconds: float = 120.0
+    connect_timeout_seconds: float = 10.0
+    # Field that carries the output cap the gateway adds when a chat request names none.
+    max_tokens_field: str = "max_tokens"
+    # False for upstreams that only take inline (data:) images, such as Gemini's OpenAI endpoint.
+    fetches_image_urls: bool = True
+    # Concurrent upstream connections kept open per worker.
+    pool_size: int = 256
+
+    def api_key(self) -> str | None:
+        """The upstream key from the environment, or None when it is not set."""
+        return os.environ.get(self.api_key_env) if self.api_key_env else None
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    id: str
+    upstream: str
+    upstream_model: str
+    mode: str = "chat"
+    input_price: Decimal = Decimal(0)   # credits per million input tokens
+    output_price: Decimal = Decimal(0)  # credits per million output tokens
+    per_image: Decimal = Decimal(0)     # credits per image
+    per_second: Decimal = Decimal(0)    # credits per second of audio
+    vision: bool = False
+    max_output_tokens: int = 4096
+
+    @property
+    def input_npm(self) -> int:
+        """Nano-credits per million input tokens (an exact integer)."""
+        return int(self.input_price * NANO)
+
+    @property
+    def output_npm(self) -> int:
+        """Nano-credits per million output tokens (an exact integer)."""
+        return int(self.output_price * NANO)
+
+    @property
+    def image_nano(self) -> int:
+        return int(self.per_image * NANO)
+
+    @property
+    def second_nano(self) -> int:
+        return int(self.per_second * NANO)
+
+
+@dataclass(frozen=True)
+class VisionConfig:
+    bridge_model: str | None = None
+    allow_loopback_image_hosts: bool = False
+    max_images: int = 10
+    max_image_bytes: int = 20 * 1000 * 1000
+    fetch_timeout_seconds: float = 15.0
+    cache_max_entries: int = 10000
+
+
+@dataclass(frozen=True)
+class ImagesConfig:
+    default_model: str = "gemini-2.5-flash-image"
+
+
+@dataclass(frozen=True)
+class MusicConfig:
+    default_model: str = "lyria-realtime-exp"
+    default_duration_seconds: float = 8.0
+
+
+@dataclass(frozen=True)
+class Config:
+    server: ServerConfig = field(default_factory=ServerConfig)
+    limits: LimitsConfig = field(default_factory=LimitsConfig)
+    upstreams: dict[str, UpstreamConfig] = field(default_factory=dict)
+    models: dict[str, ModelConfig] = field(default_factory=dict)
+    vision: VisionConfig = field(default_factory=VisionConfig)
+    images: ImagesConfig = field(default_factory=ImagesConfig)
+    music: MusicConfig = field(default_factory=MusicConfig)
+    path: str = ""
+
+    def upstream_for(self, model: ModelConfig) -> UpstreamConfig:
+        return self.upstreams[model.upstream]
+
+
+def _typed(where: str, value: Any, default: Any, annotation: str) -> Any:
+    """Check one value against its dataclass field's type, converting ints and decimals as TOML gives them."""
+    if "Decimal" in annotation:
+        if isinstance(value, bool) or not isinstance(value, (int, Decimal)):
+            raise ConfigError(f"{where} must be a number such as 0.4, not {value!r}.")
+        value = Decimal(value)
+        if value < 0 or (value * NANO) != int(value * NANO):
+            raise ConfigError(f"{where} must be zero or more with at most 9 decimal places, not {value}.")
+        return value
+    if "bool" in annotation:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{where} must be true or false, not {value!r}.")
+        return value
+    if "float" in annotation:
+        if isinstance(value, bool) or not isinstance(value, (int, Decimal)) or value <= 0:
+            raise ConfigError(f"{where} must be a positive number, not {value!r}.")
+        return float(value)
+    if "int" in annotation:
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise ConfigError(f"{where} must be a whole number of 0 or more, not {value!r}.")
+        return value
+    if not isinstance(value, str) or (not value and "None" not in annotation):
+        raise ConfigError(f"{where} must be a non-empty string, not {value!r}.")
+    return value
+
+
+def _build(cls: type, where: str, raw: Any, **given: Any) -> Any:
+    """One dataclass from one TOML table: unknown keys and wrong types are errors that name the key."""
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{where} must be a table.")
+    known = {f.name: f for f in fields(cls)}
+    values = dict(given)
+    for key, value in raw.items():
+        if key not in known or key in given:
+            names = ", ".join(n for n in known if n not in given)
+            raise ConfigError(f"{where}.{key} is not a setting; known settings are: {names}.")
+        values[key] = _typed(f"{where}.{key}", value, known[key].default, str(known[key].type))
+    missing = [n for n, f in known.items()
+               if n not in values and f.default is MISSING and f.default_factory is MISSING]
+    if missing:
+        raise ConfigError(f"{where} needs {', '.join(missing)}; add it to config.toml.")
+    return cls(**values)
+
+
+def parse(raw: dict, path: str = "") -> Config:
+    """A validated Config from a parsed TOML document."""
+    top = {f.name for f in fields(Config)} - {"path"}
+    for key in raw:
+        if key not in top:
+            raise ConfigError(f"[{key}] is not a section; known sections are: {', '.join(sorted(top))}.")
+    upstreams = {}
+    for name, table in raw.get("upstreams", {}).items():
+        up = _build(UpstreamConfig, f"[upstreams.{name}]", table, name=name)
+        if up.kind not in UPSTREAM_KINDS:
+            raise ConfigError(f"[upstreams.{name}].kind must be one of {', '.join(UPSTREAM_KINDS)}, not {up.kind!r}.")
+        if up.max_tokens_field not in ("max_tokens", "max_completion_tokens"):
+            raise ConfigError(f"[upstreams.{name}].max_tokens_field must be max_tokens or max_completion_tokens.")
+        upstreams[name] = up
+    models = {}
+    for model_id, table in raw.get("models", {}).items():
+        where = f'[models."{model_id}"]'
+        if isinstance(table, dict) and "upstream_model" not in table:
+            table = {**table, "upstream_model": model_id}
+        model = _build(ModelConfig, where, table, id=model_id)
+        if model.upstream not in upstreams:
+            raise ConfigError(f"{where}.upstream names {model.upstream!r}, which is not an [upstreams.NAME] table.")
+        if model.mode not in MODEL_MODES:
+            raise ConfigError(f"{where}.mode must be one of {', '.join(MODEL_MODES)}, not {model.mode!r}.")
+        if model.mode == "chat" and model.max_output_tokens < 1:
+            raise ConfigError(f"{where}.max_output_tokens must be at least 1.")
+        models[model_id] = model
+    cfg = Config(
+        server=_build(ServerConfig, "[server]", raw.get("server", {})),
+        limits=_build(LimitsConfig, "[limits]", raw.get("limits", {})),
+        upstreams=upstreams, models=models,
+        vision=_build(VisionConfig, "[vision]", raw.get("vision", {})),
+        images=_build(ImagesConfig, "[images]", raw.get("images", {})),
+        music=_build(MusicConfig, "[music]", raw.get("music", {})),
+        path=path,
+    )
+    if cfg.limits.strategy not in ("fixed-window", "moving-window", "sliding-window-counter"):
+        raise ConfigError("[limits].strategy must be fixed-window, moving-window or sliding-window-counter.")
+    bridge = cfg.vision.bridge_model
+    if bridge is not None and (bridge not in models or not models[bridge].vision):
+        raise ConfigError(f"[vision].bridge_model {bridge!r} must name a model in config.toml with vision = true.")
+    return cfg
+
+
+def load(path: str | None = None) -> Config:
+    """Read and validate the config file named by the argument, $GATEWAY_CONFIG, or ./config.toml."""
+    path = path or os.environ.get("GATEWAY_CONFIG") or "config.toml"
+    try:
+        with open(path, "rb") as f:
+            raw = tomllib.load(f, parse_float=Decimal)
+    except FileNotFoundError:
+        raise ConfigError(f"config file {path} does not exist; set GATEWAY_CONFIG to its path.") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"config file {path} is not valid TOML ({exc}); fix the line it names.") from None
+    cfg = parse(raw, str(Path(path).resolve()))
+    database = cfg.server.database
+    if not os.path.isabs(database):
+        # A relative database path is relative to the config file, so `flask` and gunicorn agree from any cwd.
+        database = str(Path(cfg.path).parent / database)
+        cfg = Config(**{**cfg.__dict__, "server": ServerConfig(**{**cfg.server.__dict__, "database": database})})
+    return cfg

@@ -1,0 +1,112 @@
+"""SQLite access: one connection per worker process, short write transactions that never freeze the event loop."""
+from __future__ import annotations
+
+import os
+import random
+import sqlite3
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import TypeVar
+
+import gevent
+
+T = TypeVar("T")
+SCHEMA = Path(__file__).with_name("schema.sql")
+# How long a write waits for another process's write lock before giving up.
+LOCK_WAIT_SECONDS = 10.0
+
+_conns: dict[str, tuple[int, sqlite3.Connection]] = {}
+
+
+def connect(path: str) -> sqlite3.Connection:
+    """A new connection in autocommit mode: every write transaction is an explicit BEGIN IMMEDIATE."""
+    conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=0)
+    conn.row_factory = sqlite3.Row
+    conn.execute("PRAGMA synchronous=NORMAL")
+    conn.execute("PRAGMA foreign_keys=ON")
+    # busy_timeout 0: a lock wait inside SQLite's C code would freeze every greenlet of the worker
+    # (RUNTIME.md 3.1 measured 2 s); write() below waits cooperatively instead.
+    conn.execute("PRAGMA busy_timeout=0")
+    return conn
+
+
+def conn_for(path: str) -> sqlite3.Connection:
+    """The process's shared connection. Greenlets share it safely because nothing yields inside a transaction."""
+    pid = os.getpid()
+    entry = _conns.get(path)
+    if entry is None or entry[0] != pid:
+        entry = (pid, connect(path))
+        _conns[path] = entry
+    return entry[1]
+
+
+def init(path: str) -> None:
+    """Create the database file and apply schema.sql (idempotent)."""
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    conn = connect(path)
+    try:
+        conn.execute("PRAGMA busy_timeout=10000")
+        conn.executescript(SCHEMA.read_text())  # sets WAL, which is persistent in the file
+    finally:
+        conn.close()
+
+
+def _locked(exc: sqlite3.OperationalError) -> bool:
+    return "locked" in str(exc) or "busy" in str(exc)
+
+
+def write(path: str, work: Callable[[sqlite3.Connection], T]) -> T:
+    """Run work(conn) in one BEGIN IMMEDIATE transaction; wait for a busy lock by sleeping the greenlet.
+
+    work must not yield to the event loop (no network, no gevent calls): other greenlets share the connection.
+    """
+    conn = conn_for(path)
+    deadline = time.monotonic() + LOCK_WAIT_SECONDS
+    delay = 0.001
+    while True:
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+            break
+        except sqlite3.OperationalError as exc:
+            if not _locked(exc) or time.monotonic() > deadline:
+                raise
+            gevent.sleep(delay * (0.5 + random.random()))
+            delay = min(delay * 2, 0.05)
+    try:
+        result = work(conn)
+    except BaseException:
+        conn.execute("ROLLBACK")
+        raise
+    _commit(conn, deadline)
+    return result
+
+
+def _commit(conn: sqlite3.Connection, deadline: float) -> None:
+    while True:
+        try:
+            conn.execute("COMMIT")
+            return
+        except sqlite3.OperationalError as exc:
+            if not _locked(exc) or time.monotonic() > deadline:
+                conn.execute("ROLLBACK")
+                raise
+            gevent.sleep(0.002)
+
+
+def read(path: str, sql: str, args: tuple = ()) -> list[sqlite3.Row | tuple]:
+    """A read outside any transaction; WAL readers never wait for writers."""
+    return conn_for(path).execute(sql, args).fetchall()
+
+
+@contextmanager
+def cli_connection(path: str) -> Iterator[sqlite3.Connection]:
+    """A connection for command-line tools, where blocking on a lock is fine."""
+    init(path)
+    conn = connect(path)
+    conn.execute("PRAGMA busy_timeout=10000")
+    try:
+        yield conn
+    finally:
+        conn.close()

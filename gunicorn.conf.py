@@ -1,0 +1,31 @@
+"""gunicorn settings for the gateway: one gevent worker by default, sized for thousands of open streams."""
+import os
+import resource
+import sys
+
+bind = f"{os.environ.get('HOST', '127.0.0.1')}:{os.environ.get('PORT', '8080')}"
+worker_class = "gevent"
+# memory:// rate limits are exact only with one worker; more workers need [limits].storage_uri = "redis://...".
+workers = int(os.environ.get("WORKERS", "1"))
+# The default (1000) is the most simultaneous clients per worker; the 1001st, /health included, would hang.
+worker_connections = int(os.environ.get("WORKER_CONNECTIONS", "10000"))
+timeout = 30
+graceful_timeout = 30
+keepalive = 75
+# No --preload: gevent must patch before the app imports ssl and requests (RUNTIME.md 2.1).
+preload_app = False
+
+
+def on_starting(server):
+    """Check config.toml once in the master, so a bad file stops start-up with one sentence, not a traceback."""
+    import config
+
+    try:
+        config.load()
+    except config.ConfigError as exc:
+        print(f"gateway: {exc}", file=sys.stderr)
+        sys.exit(2)
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    want = min(hard, max(soft, 2 * worker_connections + 256))  # each relayed stream holds two sockets
+    if want > soft:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))

@@ -1,0 +1,78 @@
+"""One request's bill: the hold taken for it, the charges it settles once, and its log line."""
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import billing
+from config import Config
+from keys import ApiKey
+
+log = logging.getLogger("gateway.request")
+_COST = "\x00cost\x00"
+_COST_JSON = json.dumps(_COST)
+
+
+def dumps_with_cost(doc: Any, usage: dict | None, nano: int) -> str:
+    """JSON text of doc with usage.cost written as a plain decimal number (never a float)."""
+    if usage is None:
+        return json.dumps(doc, separators=(",", ":"))
+    usage["cost"] = _COST
+    return json.dumps(doc, separators=(",", ":")).replace(_COST_JSON, billing.format_credits(nano), 1)
+
+
+@dataclass
+class Ticket:
+    """What a request holds and owes; settle() runs once, from the view or the stream's finally."""
+
+    cfg: Config
+    key: ApiKey
+    request_id: str
+    route: str
+    model: str
+    started: float = field(default_factory=time.monotonic)
+    hold: billing.Hold | None = None
+    charges: list[billing.Charge] = field(default_factory=list)
+    balance: int | None = None
+    settled: bool = False
+
+    def take_hold(self, planner: Any) -> billing.Hold:
+        self.hold = billing.hold(self.cfg.server.database, self.key.id, self.request_id, planner)
+        return self.hold
+
+    def add(self, cost: int, status: int, *, model: str | None = None, prompt_tokens: int = 0,
+            completion_tokens: int = 0, units: float = 0, estimated: bool = False,
+            request_id: str | None = None, parent: str | None = None) -> billing.Charge:
+        """Record one usage row to be written at settlement."""
+        charge = billing.Charge(
+            route=self.route, model=model or self.model, cost=cost, status=status,
+            request_id=request_id or self.request_id, parent_request_id=parent,
+            prompt_tokens=prompt_tokens, completion_tokens=completion_tokens, units=units,
+            estimated=estimated, latency_ms=int((time.monotonic() - self.started) * 1000))
+        self.charges.append(charge)
+        return charge
+
+    def settle(self, status: int) -> int:
+        """Write the charges (a failed request with none records one free row) and return the cost charged."""
+        if self.settled or self.hold is None:
+            return 0
+        self.settled = True
+        if not any(c.request_id == self.request_id for c in self.charges):
+            self.add(0, status)
+        self.balance = billing.settle(self.cfg.server.database, self.hold, self.charges)
+        main = self.charges[-1]
+        charged = sum(c.cost - c.uncollected for c in self.charges)
+        log.info("request_id=%s key=%s route=%s model=%s status=%s prompt_tokens=%s completion_tokens=%s "
+                 "units=%s cost=%s uncollected=%s latency_ms=%s", self.request_id, self.key.prefix, self.route,
+                 self.model, status, main.prompt_tokens, main.completion_tokens, main.units,
+                 billing.format_credits(charged), billing.format_credits(main.uncollected), main.latency_ms)
+        return charged
+
+    def credit_headers(self, charged: int) -> dict[str, str]:
+        headers = {"x-credits-charged": billing.format_credits(charged)}
+        if self.balance is not None:
+            headers["x-credits-remaining"] = billing.format_credits(self.balance)
+        return headers

@@ -1,0 +1,1 @@
+"""Upstream providers by config kind. A provider is a module of plain functions over plain dicts."""

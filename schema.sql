@@ -1,0 +1,71 @@
+-- The gateway's database. Applied at every start-up, so every statement is idempotent.
+-- Money is integer nano-credits (10^-9 credit). Invariant, checked by `flask audit`:
+--   api_keys.balance + SUM(open holds) = SUM(ledger.amount)   for every key.
+PRAGMA journal_mode = WAL;
+
+CREATE TABLE IF NOT EXISTS api_keys (
+    id          INTEGER PRIMARY KEY,
+    name        TEXT    NOT NULL,
+    key_hash    TEXT    NOT NULL UNIQUE,          -- SHA-256 hex of the full key; the key itself is never stored
+    prefix      TEXT    NOT NULL,                 -- first characters, for display only
+    balance     INTEGER NOT NULL CHECK (balance >= 0),
+    rpm         INTEGER CHECK (rpm IS NULL OR rpm >= 0),   -- NULL: the config default; 0: unlimited
+    rpd         INTEGER CHECK (rpd IS NULL OR rpd >= 0),
+    created_at  REAL    NOT NULL,
+    revoked_at  REAL
+);
+
+-- Credits reserved for a request in flight. A hold is 'held' until settled; start-up returns stale ones.
+CREATE TABLE IF NOT EXISTS holds (
+    id          INTEGER PRIMARY KEY,
+    key_id      INTEGER NOT NULL REFERENCES api_keys(id),
+    request_id  TEXT    NOT NULL,
+    pid         INTEGER NOT NULL,                 -- the worker that owns it; a dead owner's hold is returned
+    amount      INTEGER NOT NULL CHECK (amount >= 0),
+    status      TEXT    NOT NULL DEFAULT 'held' CHECK (status IN ('held', 'settled', 'released')),
+    created_at  REAL    NOT NULL,
+    settled_at  REAL
+);
+CREATE INDEX IF NOT EXISTS holds_open ON holds(created_at) WHERE status = 'held';
+
+-- Every change to what a key owns: grants and top-ups (+), charges (-).
+CREATE TABLE IF NOT EXISTS ledger (
+    id          INTEGER PRIMARY KEY,
+    key_id      INTEGER NOT NULL REFERENCES api_keys(id),
+    amount      INTEGER NOT NULL,
+    kind        TEXT    NOT NULL CHECK (kind IN ('grant', 'topup', 'charge')),
+    request_id  TEXT,
+    created_at  REAL    NOT NULL
+);
+CREATE INDEX IF NOT EXISTS ledger_key ON ledger(key_id);
+
+-- One row per settled request (and per vision-bridge call, linked by parent_request_id).
+CREATE TABLE IF NOT EXISTS usage (
+    id                INTEGER PRIMARY KEY,
+    request_id        TEXT    NOT NULL,
+    parent_request_id TEXT,
+    key_id            INTEGER NOT NULL REFERENCES api_keys(id),
+    route             TEXT    NOT NULL,
+    model             TEXT    NOT NULL,
+    prompt_tokens     INTEGER NOT NULL DEFAULT 0,
+    completion_tokens INTEGER NOT NULL DEFAULT 0,
+    units             REAL    NOT NULL DEFAULT 0,   -- images, or seconds of audio
+    estimated         INTEGER NOT NULL DEFAULT 0,   -- 1 when tokens were counted by the gateway, not reported
+    cost              INTEGER NOT NULL,             -- nano-credits charged
+    uncollected       INTEGER NOT NULL DEFAULT 0,   -- nano-credits owed beyond what the balance held
+    status            INTEGER NOT NULL,
+    latency_ms        INTEGER NOT NULL,
+    created_at        REAL    NOT NULL
+);
+CREATE INDEX IF NOT EXISTS usage_key ON usage(key_id, id);
+
+-- Descriptions of images written by the vision bridge model, by image hash.
+CREATE TABLE IF NOT EXISTS vision_cache (
+    image_hash  TEXT NOT NULL,
+    model       TEXT NOT NULL,
+    description TEXT NOT NULL,
+    created_at  REAL NOT NULL,
+    PRIMARY KEY (image_hash, model)
+);
+
+PRAGMA user_version = 1;

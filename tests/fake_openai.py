@@ -1,0 +1,242 @@
+"""A fake OpenAI-compatible upstream: a real HTTP server on 127.0.0.1 speaking PROTOCOLS.md part 1.
+
+Behaviour is chosen by magic words in the last message (or the prompt):
+  [usage=P,C]   report P prompt and C completion tokens (default 11 and the number of content chunks)
+  [nousage]     never report usage          [chunks=N]  stream N content chunks (default 4)
+  [delay=S]     sleep S seconds between stream chunks     [slow]  sleep 3 s before answering
+  [error400] [error401] [error429] [error500]  answer with that HTTP error
+  [cut]         stream two chunks, then drop the connection without [DONE]
+  [malformed]   stream one chunk, then a data line that is not JSON
+  [midstream-error]  stream one chunk, then a data: {"error": ...} event
+  [usage-in-last]    put usage on the finish chunk instead of a separate choices: [] chunk
+  [badjson]     answer 200 with a body that is not JSON
+Run alone for demos: python -m tests.fake_openai --port 9999 --key sk-upstream
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+
+REPLY = "Hello from the fake upstream!"
+
+
+def _last_text(body: dict) -> str:
+    if "prompt" in body:
+        return json.dumps(body["prompt"])
+    for msg in reversed(body.get("messages") or []):
+        content = msg.get("content")
+        if isinstance(content, str):
+            return content
+        if isinstance(content, list):
+            return " ".join(str(p.get("text", "")) for p in content if isinstance(p, dict))
+    return ""
+
+
+class _Handler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    server: _Server
+
+    def log_message(self, *args: Any) -> None:
+        pass
+
+    def _json(self, status: int, doc: Any, headers: dict[str, str] | None = None) -> None:
+        data = json.dumps(doc).encode()
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        for k, v in (headers or {}).items():
+            self.send_header(k, v)
+        self.end_headers()
+        self.wfile.write(data)
+
+    def _error(self, status: int, message: str, type_: str, code: str | None = None,
+               headers: dict[str, str] | None = None) -> None:
+        self._json(status, {"error": {"message": message, "type": type_, "param": None, "code": code}}, headers)
+
+    def do_GET(self) -> None:
+        if self.path.rstrip("/").endswith("/models"):
+            self._json(200, {"object": "list", "data": []})
+        else:
+            self._error(404, "not found", "invalid_request_error")
+
+    def do_POST(self) -> None:
+        length = int(self.headers.get("Content-Length") or 0)
+        raw = self.rfile.read(length)
+        try:
+            body = json.loads(raw)
+        except ValueError:
+            body = None
+        self.server.requests.append({"path": self.path, "headers": {k.lower(): v for k, v in self.headers.items()},
+                                     "body": body})
+        if self.headers.get("Authorization") != f"Bearer {self.server.key}":
+            return self._error(401, "Incorrect API key provided.", "invalid_request_error", "invalid_api_key")
+        if not isinstance(body, dict) or "model" not in body:
+            return self._error(400, "bad body", "invalid_request_error")
+        text = _last_text(body)
+        for status, type_ in ((400, "invalid_request_error"), (401, "invalid_request_error"),
+                              (429, "requests"), (500, "server_error")):
+            if f"[error{status}]" in text:
+                headers = {"Retry-After": "7"} if status == 429 else None
+                return self._error(status, f"Fake upstream error {status}.", type_, None, headers)
+        if "[slow]" in text:
+            time.sleep(3)
+        if "[badjson]" in text:
+            data = b"<html>oops</html>"
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+            return
+        path = self.path.rstrip("/")
+        legacy = path.endswith("/completions") and not path.endswith("/chat/completions")
+        if path.endswith("/images/generations"):
+            return self._images(body)
+        if body.get("stream"):
+            return self._stream(body, text, legacy)
+        return self._plain(body, text, legacy)
+
+    def _usage(self, text: str, completion: int) -> dict | None:
+        if "[nousage]" in text:
+            return None
+        m = re.search(r"\[usage=(\d+),(\d+)\]", text)
+        p, c = (int(m.group(1)), int(m.group(2))) if m else (11, completion)
+        return {"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c}
+
+    def _plain(self, body: dict, text: str, legacy: bool) -> None:
+        n = body.get("n") or 1
+        if legacy:
+            choices = [{"text": REPLY, "index": i, "logprobs": None, "finish_reason": "stop"} for i in range(n)]
+            doc = {"id": "cmpl-fake", "object": "text_completion", "created": int(time.time()),
+                   "model": body["model"], "choices": choices}
+        else:
+            choices = [{"index": i, "message": {"role": "assistant", "content": REPLY, "refusal": None},
+                        "logprobs": None, "finish_reason": "stop"} for i in range(n)]
+            doc = {"id": "chatcmpl-fake", "object": "chat.completion", "created": int(time.time()),
+                   "model": body["model"], "choices": choices, "system_fingerprint": "fp_fake"}
+        usage = self._usage(text, 7)
+        if usage:
+            doc["usage"] = usage
+        self._json(200, doc)
+
+    def _chunk(self, body: dict, legacy: bool, content: str | None, finish: str | None = None,
+               role: bool = False) -> dict:
+        if legacy:
+            choice = {"text": content or "", "index": 0, "logprobs": None, "finish_reason": finish}
+            return {"id": "cmpl-fake", "object": "text_completion", "created": 1, "model": body["model"],
+                    "choices": [choice]}
+        delta: dict = {}
+        if role:
+            delta = {"role": "assistant", "content": ""}
+        elif content is not None:
+            delta = {"content": content}
+        return {"id": "chatcmpl-fake", "object": "chat.completion.chunk", "created": 1, "model": body["model"],
+                "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}]}
+
+    def _write(self, data: bytes) -> None:
+        self.wfile.write(b"%x\r\n%s\r\n" % (len(data), data))
+        self.wfile.flush()
+
+    def _stream(self, body: dict, text: str, legacy: bool) -> None:
+        m = re.search(r"\[chunks=(\d+)\]", text)
+        count = int(m.group(1)) if m else 4
+        m = re.search(r"\[delay=([\d.]+)\]", text)
+        delay = float(m.group(1)) if m else 0.0
+        self.send_response(200)
+        self.send_header("Content-Type", "text/event-stream")
+        self.send_header("Transfer-Encoding", "chunked")
+        self.end_headers()
+
+        def event(doc: Any) -> None:
+            self._write(b"data: " + (doc if isinstance(doc, bytes) else json.dumps(doc).encode()) + b"\n\n")
+
+        try:
+            if not legacy:
+                event(self._chunk(body, legacy, None, role=True))
+            for i in range(count):
+                if delay:
+                    time.sleep(delay)
+                event(self._chunk(body, legacy, f"tok{i} "))
+                if "[cut]" in text and i == 1:
+                    self.wfile.flush()
+                    self.close_connection = True
+                    self.connection.shutdown(2)
+                    return
+                if "[malformed]" in text:
+                    return event(b"{this is not json")
+                if "[midstream-error]" in text:
+                    return event({"error": {"message": "Fake failure mid-stream.", "type": "server_error",
+                                            "param": None, "code": None}})
+            finish = self._chunk(body, legacy, None, finish="stop")
+            usage = self._usage(text, count)
+            wants_usage = (body.get("stream_options") or {}).get("include_usage")
+            if usage and wants_usage and "[usage-in-last]" in text:
+                finish["usage"] = usage
+                usage = None
+            event(finish)
+            if usage and wants_usage:
+                trailer = self._chunk(body, legacy, None)
+                trailer["choices"] = []
+                trailer["usage"] = usage
+                event(trailer)
+            event(b"[DONE]")
+            self._write(b"")
+        except (BrokenPipeError, ConnectionResetError):
+            self.server.disconnects += 1
+
+    def _images(self, body: dict) -> None:
+        n = body.get("n") or 1
+        png = "iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR42mP8z8BQDwAEhQGAhKmMIQAAAABJRU5ErkJggg=="
+        self._json(200, {"created": int(time.time()), "data": [{"b64_json": png} for _ in range(n)]})
+
+
+class _Server(ThreadingHTTPServer):
+    daemon_threads = True
+    allow_reuse_address = True
+
+    def __init__(self, addr: tuple[str, int], key: str) -> None:
+        super().__init__(addr, _Handler)
+        self.key = key
+        self.requests: list[dict] = []
+        self.disconnects = 0
+
+
+class FakeOpenAI:
+    """Start with .start() (or as a context manager); .base_url ends in /v1; .requests records every POST."""
+
+    def __init__(self, key: str = "sk-upstream-test", port: int = 0) -> None:
+        self.server = _Server(("127.0.0.1", port), key)
+        self.base_url = f"http://127.0.0.1:{self.server.server_address[1]}/v1"
+        self._thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+
+    @property
+    def requests(self) -> list[dict]:
+        return self.server.requests
+
+    def start(self) -> FakeOpenAI:
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+    def __enter__(self) -> FakeOpenAI:
+        return self.start()
+
+    def __exit__(self, *exc: Any) -> None:
+        self.stop()
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--port", type=int, default=9999)
+    parser.add_argument("--key", default="sk-upstream-test")
+    args = parser.parse_args()
+    fake = FakeOpenAI(args.key, args.port)
+    print(f"fake OpenAI upstream on {fake.base_url} (key {args.key})", flush=True)
+    fake.server.serve_forever()

