@@ -1,0 +1,316 @@
+"""Images a client names by URL: data URLs decoded strictly, remote URLs fetched without becoming an SSRF hole.
+
+A remote fetch is a request the gateway makes on a stranger's behalf, so it is fenced in (DESIGN.md, Vision):
+http(s) only, every hop's host resolved once and refused if any address is not public, the connection made
+to that checked address (DNS rebinding cannot swap it), a byte cap enforced while reading, one deadline
+across all hops, and an answer that must really be an image.
+"""
+from __future__ import annotations
+
+import base64
+import binascii
+import contextlib
+import ipaddress
+import re
+import socket
+import sys
+import time
+from collections.abc import Callable, Iterator
+from urllib.parse import SplitResult, quote, urljoin, urlsplit
+
+import certifi
+import urllib3
+from urllib3.exceptions import HTTPError, NewConnectionError
+from urllib3.exceptions import TimeoutError as Urllib3Timeout
+
+from errors import InvalidRequest
+
+IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+Resolver = Callable[[str, int], list[str]]
+
+REDIRECT_STATUSES = frozenset({301, 302, 303, 307, 308})
+_CHUNK = 64 * 1024
+_DATA_URL = re.compile(r"data:image/(png|jpe?g|gif|webp);base64,(.*)", re.IGNORECASE | re.DOTALL)
+# What may go into a Host header: letters, digits, dots, hyphens, underscores (after IDNA encoding).
+_HOSTNAME = re.compile(r"[a-z0-9_.-]{1,253}")
+_CGNAT = ipaddress.ip_network("100.64.0.0/10")
+_THIS_NETWORK = ipaddress.ip_network("0.0.0.0/8")
+_NAT64 = ipaddress.ip_network("64:ff9b::/96")
+_IPV4_COMPATIBLE = ipaddress.ip_network("::/96")
+
+
+class ImageRefused(InvalidRequest):
+    """An image_url the gateway will not use; the message says why, the caller sets param."""
+
+    code = "invalid_image_url"
+
+
+def sniff_image(data: bytes) -> str | None:
+    """The image MIME type the magic bytes announce, or None if they announce none we accept."""
+    if data.startswith(b"\x89PNG\r\n\x1a\n"):
+        return "image/png"
+    if data.startswith(b"\xff\xd8\xff"):
+        return "image/jpeg"
+    if data[:6] in (b"GIF87a", b"GIF89a"):
+        return "image/gif"
+    if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
+        return "image/webp"
+    return None
+
+
+def parse_data_url(url: str, *, max_bytes: int = 20_000_000) -> tuple[bytes, str]:
+    """(bytes, MIME) from data:image/<png|jpeg|gif|webp>;base64,...; the MIME returned is the one the bytes carry."""
+    match = _DATA_URL.fullmatch(url.strip())
+    if not match:
+        head = url[:40].split(",", 1)[0]
+        raise ImageRefused(f"The data URL '{head}' is not supported: send data:image/<png|jpeg|gif|webp>;base64,...")
+    payload = re.sub(r"\s+", "", match.group(2))  # line-wrapped base64 is common and harmless
+    if len(payload) // 4 * 3 > max_bytes:
+        raise ImageRefused(f"The data URL image is larger than {max_bytes} bytes.")
+    try:
+        data = base64.b64decode(payload, validate=True)  # validate: stray characters are an error, not skipped
+    except (binascii.Error, ValueError):
+        raise ImageRefused("The data URL is not valid base64.") from None
+    mime = sniff_image(data)
+    if mime is None:
+        raise ImageRefused("The data URL does not hold an image (PNG, JPEG, GIF or WebP bytes expected).")
+    return data, mime
+
+
+def is_forbidden_ip(ip: IPAddress, allow_loopback: bool) -> str | None:
+    """Why the gateway must not connect to ip, or None if it is a public address (or loopback when allowed)."""
+    if isinstance(ip, ipaddress.IPv6Address):
+        embedded, how = _embedded_ipv4(ip)
+        if embedded is not None:
+            # The packet goes to the IPv4 address inside, so that address is what gets judged; of these forms
+            # only ::ffff:127.x.y.z is plain loopback, so only it may pass under allow_loopback.
+            reason = is_forbidden_ip(embedded, allow_loopback and how == "IPv4-mapped")
+            return f"{reason} {embedded} embedded in {how} form" if reason else None
+        if ip.teredo:  # Teredo hides two endpoints (server and client); no image host needs it
+            return "tunnelled (Teredo) address"
+    if ip.is_loopback:
+        # allow_loopback lets tests reach 127.0.0.1; it must open nothing else, so it returns here.
+        return None if allow_loopback else "loopback address"
+    checks = [
+        (ip.is_unspecified, "unspecified address"),
+        (ip.version == 4 and ip in _THIS_NETWORK, "'this network' (0.0.0.0/8) address"),
+        (ip.is_link_local, "link-local address"),
+        (ip.version == 4 and ip in _CGNAT, "carrier-grade NAT address"),
+        (ip.is_multicast, "multicast address"),
+        (ip.version == 4 and ip == ipaddress.IPv4Address("255.255.255.255"), "broadcast address"),
+        (ip.version == 6 and ip.is_site_local, "site-local address"),
+        (ip.is_reserved, "reserved address"),
+        (ip.is_private, "private address"),
+        # Catch-all for special-purpose ranges the named checks miss (documentation, benchmarking, ...).
+        (not ip.is_global, "non-public address"),
+    ]
+    return next((reason for hit, reason in checks if hit), None)
+
+
+def _embedded_ipv4(ip: ipaddress.IPv6Address) -> tuple[ipaddress.IPv4Address | None, str]:
+    """The IPv4 address an IPv6 address carries (mapped, compatible, 6to4, NAT64), and how."""
+    if ip.ipv4_mapped is not None:
+        return ip.ipv4_mapped, "IPv4-mapped"
+    if ip.sixtofour is not None:
+        return ip.sixtofour, "6to4"
+    if ip in _NAT64:
+        return ipaddress.IPv4Address(int(ip) & 0xFFFFFFFF), "NAT64"
+    if ip in _IPV4_COMPATIBLE and int(ip) > 1:  # :: and ::1 are themselves, not IPv4-compatible
+        return ipaddress.IPv4Address(int(ip)), "IPv4-compatible"
+    return None, ""
+
+
+def default_resolver(host: str, port: int) -> list[str]:
+    """Every address the system resolver gives for host (cooperative under gevent's monkey patching)."""
+    infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    return list(dict.fromkeys(info[4][0] for info in infos))
+
+
+def fetch_image(url: str, *, allow_loopback: bool = False, max_bytes: int = 20_000_000, timeout: float = 15.0,
+                max_redirects: int = 3, resolver: Resolver | None = None) -> tuple[bytes, str]:
+    """(bytes, MIME) of the image at an http(s) URL, or ImageRefused saying why not."""
+    deadline = time.monotonic() + timeout
+    with _gevent_deadline(timeout):
+        for _hop in range(max_redirects + 1):
+            parts, host, port = _check_url(url)
+            ip = _resolve_checked(parts, host, port, allow_loopback, resolver or default_resolver)
+            location = _request(parts, host, port, ip, deadline, timeout, max_bytes)
+            if isinstance(location, tuple):
+                return location
+            url = location
+    raise ImageRefused(f"The image URL was refused: too many redirects (more than {max_redirects}).")
+
+
+def _shown(parts: SplitResult) -> str:
+    """scheme://host[:port] for messages: never userinfo, and no path or query (signed URLs carry tokens there)."""
+    netloc = parts.netloc.rpartition("@")[2]
+    return f"{parts.scheme}://{netloc}"[:200]
+
+
+def _check_url(url: str) -> tuple[SplitResult, str, int]:
+    """The URL split, its host (IDNA, lower case, no brackets) and port, if the scheme and form are acceptable."""
+    try:
+        parts = urlsplit(url.strip())
+        port = parts.port
+    except ValueError:
+        raise ImageRefused("The image URL is malformed (bad host or port).") from None
+    scheme = parts.scheme.lower()
+    if scheme not in ("http", "https"):
+        raise ImageRefused(f"The image URL was refused: scheme '{scheme[:20]}' is not allowed (only http and https).")
+    if "@" in parts.netloc:
+        raise ImageRefused("The image URL was refused: URLs with credentials (user@host) are not allowed.")
+    host = parts.hostname or ""
+    if not host:
+        raise ImageRefused("The image URL was refused: it names no host.")
+    if not _is_ip_literal(host):
+        try:
+            host = host.encode("idna").decode("ascii").lower()
+        except UnicodeError:
+            host = ""
+        if not _HOSTNAME.fullmatch(host):
+            raise ImageRefused("The image URL was refused: the host name is not valid.")
+    return parts, host, port or (443 if scheme == "https" else 80)
+
+
+def _is_ip_literal(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return True
+
+
+def _resolve_checked(parts: SplitResult, host: str, port: int, allow_loopback: bool, resolver: Resolver) -> str:
+    """The one address this hop connects to, after refusing the host if ANY of its addresses is forbidden.
+
+    Refusing on any bad address (rather than picking a good one) is simpler and safer: a name that mixes
+    public and private answers is suspect, and no fallback logic can then wander onto the private one.
+    """
+    verb = "its host is"
+    try:
+        candidates = [ipaddress.ip_address(host)]  # a literal IP: no DNS at all
+    except ValueError:
+        verb = "it resolves to"
+        try:
+            candidates = [ipaddress.ip_address(a) for a in resolver(host, port)]
+        except (OSError, UnicodeError, ValueError):
+            candidates = []
+        if not candidates:
+            raise ImageRefused(f"The image URL {_shown(parts)} was refused: its host does not resolve.") from None
+    for ip in candidates:
+        reason = is_forbidden_ip(ip, allow_loopback)
+        if reason:
+            article = "an" if reason[0] in "aeiou" else "a"
+            raise ImageRefused(f"The image URL {_shown(parts)} was refused: {verb} {article} {reason} ({ip}).")
+    ip = candidates[0]
+    # Connect to the v4 address itself for mapped addresses, so it works where IPv6 sockets are v6-only.
+    return str(ip.ipv4_mapped or ip) if isinstance(ip, ipaddress.IPv6Address) else str(ip)
+
+
+def _request(parts: SplitResult, host: str, port: int, ip: str, deadline: float, timeout: float,
+             max_bytes: int) -> tuple[bytes, str] | str:
+    """One GET to the checked ip: the image, or the absolute URL a redirect points to."""
+    scheme = parts.scheme.lower()
+    shown = _shown(parts)
+    default_port = 443 if scheme == "https" else 80
+    host_header = f"[{host}]" if ":" in host else host
+    if port != default_port:
+        host_header += f":{port}"
+    # Percent-encode what cannot go on a request line (spaces, non-ASCII, control bytes); the rest is kept as sent.
+    target = quote((parts.path or "/") + (f"?{parts.query}" if parts.query else ""), safe="/?&=%:@!$'()*+,;~[]")
+    headers = {"Host": host_header, "User-Agent": "ai-gateway-image-fetch", "Accept": "image/*",
+               # identity: a compressed body could inflate far past the cap from a few bytes read.
+               "Accept-Encoding": "identity"}
+    # urllib3 pools, not requests: no proxy env vars, no cookies, no automatic redirects or retries.
+    if scheme == "https":
+        pool: urllib3.HTTPConnectionPool = urllib3.HTTPSConnectionPool(
+            ip, port, server_hostname=host, assert_hostname=host, cert_reqs="CERT_REQUIRED",
+            ca_certs=certifi.where(), retries=False, maxsize=1)
+    else:
+        pool = urllib3.HTTPConnectionPool(ip, port, retries=False, maxsize=1)
+    try:
+        remaining = _remaining(deadline, timeout, shown)
+        resp = pool.urlopen("GET", target, headers=headers, retries=False, redirect=False, preload_content=False,
+                            decode_content=False, timeout=urllib3.Timeout(connect=remaining, read=remaining))
+        try:
+            if resp.status in REDIRECT_STATUSES and resp.headers.get("Location"):
+                return urljoin(parts.geturl(), resp.headers["Location"])
+            return _read_image(resp, shown, deadline, timeout, max_bytes)
+        finally:
+            resp.close()  # never reuse: the next hop gets its own checked connection
+    except NewConnectionError as exc:  # listed first: urllib3 makes it a subclass of ConnectTimeoutError
+        why = exc.__cause__ or "connection failed"
+        raise ImageRefused(f"The image URL {shown} could not be fetched ({why}).") from None
+    except (TimeoutError, Urllib3Timeout):
+        raise ImageRefused(f"The image URL {shown} did not answer within {timeout:g} s.") from None
+    except (HTTPError, OSError) as exc:
+        raise ImageRefused(f"The image URL {shown} could not be fetched ({type(exc).__name__}).") from None
+    finally:
+        pool.close()
+
+
+def _read_image(resp: urllib3.BaseHTTPResponse, shown: str, deadline: float, timeout: float,
+                max_bytes: int) -> tuple[bytes, str]:
+    """The body, read in chunks and abandoned as soon as it passes max_bytes or the deadline, if it is an image."""
+    if not 200 <= resp.status < 300:
+        raise ImageRefused(f"The image URL {shown} was refused: it answered HTTP {resp.status}.")
+    ctype = resp.headers.get("Content-Type", "").split(";")[0].strip().lower()
+    if ctype and not ctype.startswith("image/"):
+        raise ImageRefused(f"The image URL {shown} was refused: not an image (Content-Type {ctype[:60]}).")
+    if resp.headers.get("Content-Encoding", "identity").strip().lower() != "identity":
+        raise ImageRefused(f"The image URL {shown} was refused: compressed bodies (Content-Encoding) are not accepted.")
+    length = resp.headers.get("Content-Length", "")
+    if length.isdigit() and int(length) > max_bytes:
+        raise ImageRefused(f"The image URL {shown} was refused: larger than {max_bytes} bytes ({length}).")
+    chunks: list[bytes] = []
+    total = 0
+    while True:
+        _set_socket_timeout(resp, _remaining(deadline, timeout, shown))
+        chunk = resp.read1(_CHUNK)  # read1: whatever has arrived, so a slow trickle still meets the deadline check
+        if not chunk:
+            break
+        total += len(chunk)
+        if total > max_bytes:
+            raise ImageRefused(f"The image URL {shown} was refused: larger than {max_bytes} bytes.")
+        chunks.append(chunk)
+    data = b"".join(chunks)
+    mime = sniff_image(data)
+    if mime is None:
+        raise ImageRefused(f"The image URL {shown} was refused: not an image (PNG, JPEG, GIF or WebP bytes expected).")
+    return data, mime
+
+
+def _remaining(deadline: float, timeout: float, shown: str) -> float:
+    """Seconds left before the deadline shared by every hop; refuses once none are left."""
+    left = deadline - time.monotonic()
+    if left <= 0:
+        raise ImageRefused(f"The image URL {shown} did not answer within {timeout:g} s.")
+    return left
+
+
+def _set_socket_timeout(resp: urllib3.BaseHTTPResponse, seconds: float) -> None:
+    """Shrink the socket's timeout to what is left, so a body trickled byte by byte still stops at the deadline."""
+    sock = getattr(getattr(resp, "connection", None), "sock", None)
+    if sock is not None:
+        sock.settimeout(seconds)
+
+
+@contextlib.contextmanager
+def _gevent_deadline(seconds: float) -> Iterator[None]:
+    """Under gevent, also bound what socket timeouts cannot (DNS lookups); without gevent, nothing."""
+    monkey = sys.modules.get("gevent.monkey")
+    if monkey is None or not monkey.is_module_patched("socket"):
+        yield
+        return
+    import gevent
+
+    timer = gevent.Timeout(seconds + 0.5)  # a margin, so the per-socket timeouts normally fire first
+    timer.start()
+    try:
+        yield
+    except gevent.Timeout as exc:
+        if exc is not timer:
+            raise
+        raise ImageRefused(f"The image URL did not answer within {seconds:g} s.") from None
+    finally:
+        timer.close()

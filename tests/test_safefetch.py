@@ -1,0 +1,352 @@
+"""safefetch: data URLs, the address rules, and remote fetches against a real server on 127.0.0.1."""
+from __future__ import annotations
+
+import base64
+import ipaddress
+import json
+import shutil
+import socket
+import subprocess
+import sys
+import textwrap
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import certifi
+import pytest
+
+from safefetch import ImageRefused, fetch_image, is_forbidden_ip, parse_data_url, sniff_image
+from tests.image_server import BIG_BYTES, CAT_JPG, CAT_PNG, ImageServer
+
+GIF = b"GIF89a\x01\x00\x01\x00\x80\x00\x00\xff\xff\xff\x00\x00\x00!\xf9\x04\x01\x00\x00\x00\x00,\x00\x00\x00\x00" \
+      b"\x01\x00\x01\x00\x00\x02\x02D\x01\x00;"
+WEBP = b"RIFF\x1a\x00\x00\x00WEBPVP8L\x0d\x00\x00\x00/\x00\x00\x00\x10\x07\x10\x11\x11\x88\x88\xfe\x07\x00"
+
+
+@pytest.fixture(scope="module")
+def server() -> Iterator[ImageServer]:
+    with ImageServer() as srv:
+        yield srv
+
+
+def refused(reason: str, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> ImageRefused:
+    """Call fn, expect an ImageRefused that is a 400 invalid_image_url whose message contains reason."""
+    with pytest.raises(ImageRefused) as info:
+        fn(*args, **kwargs)
+    exc = info.value
+    assert exc.status == 400 and exc.code == "invalid_image_url" and exc.type == "invalid_request_error"
+    assert reason in exc.message, exc.message
+    return exc
+
+
+def no_dns(host: str, port: int) -> list[str]:
+    raise AssertionError(f"literal IPs must not be resolved, got {host}")
+
+
+def b64(data: bytes) -> str:
+    return base64.b64encode(data).decode()
+
+
+# --- magic bytes and data URLs ---------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("data, mime", [
+    (CAT_PNG, "image/png"), (CAT_JPG, "image/jpeg"), (GIF, "image/gif"), (b"GIF87a" + GIF[6:], "image/gif"),
+    (WEBP, "image/webp"), (b"RIFF\x00\x00\x00\x00WAVEfmt ", None), (b"<html>", None), (b"", None), (b"\x89PN", None),
+])
+def test_sniff_image(data: bytes, mime: str | None) -> None:
+    assert sniff_image(data) == mime
+
+
+def test_data_url_good() -> None:
+    assert parse_data_url(f"data:image/png;base64,{b64(CAT_PNG)}") == (CAT_PNG, "image/png")
+    assert parse_data_url(f"data:image/webp;base64,{b64(WEBP)}") == (WEBP, "image/webp")
+    wrapped = b64(CAT_JPG)
+    wrapped = "\n".join(wrapped[i:i + 40] for i in range(0, len(wrapped), 40))
+    assert parse_data_url(f"DATA:image/JPEG;base64,{wrapped}") == (CAT_JPG, "image/jpeg")
+    # The MIME returned is what the bytes are, not what the label claims.
+    assert parse_data_url(f"data:image/png;base64,{b64(GIF)}") == (GIF, "image/gif")
+
+
+@pytest.mark.parametrize("url, reason", [
+    ("data:image/png;base64,iVBORw0KGgo@@@", "not valid base64"),
+    (f"data:image/png;base64,{b64(CAT_PNG)[:-1]}", "not valid base64"),  # broken padding
+    (f"data:image/png;base64,{b64(b'just some text, no pixels')}", "does not hold an image"),
+    ("data:image/png;base64,", "does not hold an image"),
+    (f"data:text/plain;base64,{b64(b'hello')}", "is not supported"),
+    (f"data:image/svg+xml;base64,{b64(b'<svg/>')}", "is not supported"),
+    ("data:image/png,rawbytes", "is not supported"),
+    ("http://example.com/x.png", "is not supported"),
+])
+def test_data_url_bad(url: str, reason: str) -> None:
+    refused(reason, parse_data_url, url)
+
+
+def test_data_url_size_cap() -> None:
+    refused("larger than 10 bytes", parse_data_url, f"data:image/png;base64,{b64(CAT_PNG)}", max_bytes=10)
+
+
+# --- the address rules ----------------------------------------------------------------------------------------
+
+FORBIDDEN = [
+    ("10.0.0.1", "private"), ("172.16.0.1", "private"), ("192.168.1.1", "private"), ("fc00::1", "private"),
+    ("100.64.0.1", "carrier-grade NAT"), ("169.254.169.254", "link-local"), ("fe80::1", "link-local"),
+    ("0.0.0.0", "unspecified"), ("::", "unspecified"), ("0.1.2.3", "this network"),
+    ("224.0.0.1", "multicast"), ("ff02::1", "multicast"), ("255.255.255.255", "broadcast"),
+    ("240.0.0.1", "reserved"), ("fec0::1", "site-local"), ("192.0.2.1", "private"), ("198.18.0.1", "private"),
+    ("::ffff:10.0.0.1", "private address 10.0.0.1 embedded in IPv4-mapped"),
+    ("::ffff:169.254.169.254", "link-local address 169.254.169.254 embedded"),
+    ("::10.0.0.1", "embedded in IPv4-compatible"), ("2002:a00:1::", "embedded in 6to4"),
+    ("64:ff9b::a9fe:a9fe", "link-local address 169.254.169.254 embedded in NAT64"),
+    ("2001:0:4136:e378:8000:63bf:3fff:fdd2", "Teredo"),
+]
+
+
+@pytest.mark.parametrize("allow_loopback", [False, True])
+@pytest.mark.parametrize("address, reason", FORBIDDEN)
+def test_forbidden_addresses(address: str, reason: str, allow_loopback: bool) -> None:
+    found = is_forbidden_ip(ipaddress.ip_address(address), allow_loopback)
+    assert found is not None and reason in found
+
+
+@pytest.mark.parametrize("address", ["127.0.0.1", "127.255.0.9", "::1", "::ffff:127.0.0.1"])
+def test_loopback_only_when_allowed(address: str) -> None:
+    assert "loopback" in is_forbidden_ip(ipaddress.ip_address(address), False)
+    assert is_forbidden_ip(ipaddress.ip_address(address), True) is None
+
+
+@pytest.mark.parametrize("address", ["64:ff9b::7f00:1", "::127.0.0.1", "2002:7f00:1::"])
+def test_tunnelled_loopback_never_allowed(address: str) -> None:
+    assert "loopback address 127.0.0.1 embedded" in is_forbidden_ip(ipaddress.ip_address(address), True)
+
+
+@pytest.mark.parametrize("address", ["8.8.8.8", "2606:4700::1111", "::ffff:8.8.8.8", "2002:808:808::1"])
+def test_public_addresses_pass(address: str) -> None:
+    assert is_forbidden_ip(ipaddress.ip_address(address), False) is None
+
+
+# --- URLs refused before any connection -------------------------------------------------------------------------
+
+@pytest.mark.parametrize("allow_loopback", [False, True])
+@pytest.mark.parametrize("url, reason", [
+    ("http://10.0.0.1/x.png", "private address (10.0.0.1)"),
+    ("http://172.16.0.1/x.png", "private address"),
+    ("http://192.168.1.1/x.png", "private address"),
+    ("http://100.64.0.1/x.png", "carrier-grade NAT address"),
+    ("http://169.254.169.254/latest/meta-data/", "link-local address"),
+    ("http://0.0.0.0:8080/x.png", "unspecified address"),
+    ("http://[::]/x.png", "unspecified address"),
+    ("http://[fe80::1]/x.png", "link-local address"),
+    ("http://[fc00::1]/x.png", "private address"),
+    ("https://[::ffff:10.0.0.1]/x.png", "private address 10.0.0.1 embedded in IPv4-mapped form"),
+    ("file:///etc/passwd", "scheme 'file' is not allowed"),
+    ("ftp://x/y.png", "scheme 'ftp' is not allowed"),
+    ("gopher://x:70/_GET", "scheme 'gopher' is not allowed"),
+    ("//example.com/x.png", "scheme '' is not allowed"),
+    ("http:///x.png", "names no host"),
+    ("http://example.com:99999/x.png", "malformed"),
+    ("http://exa mple.com/x.png", "host name is not valid"),
+])
+def test_refused_urls(url: str, reason: str, allow_loopback: bool) -> None:
+    refused(reason, fetch_image, url, allow_loopback=allow_loopback, resolver=no_dns)
+
+
+def test_credentials_refused_and_never_echoed() -> None:
+    exc = refused("credentials", fetch_image, "http://admin:hunter2@127.0.0.1/x.png", allow_loopback=True)
+    assert "hunter2" not in exc.message and "admin" not in exc.message
+
+
+# --- against the local server -------------------------------------------------------------------------------------
+
+def test_loopback_refused_by_default(server: ImageServer) -> None:
+    before = server.counts["/cat.png"]
+    for url in (server.url("/cat.png"), server.url("/cat.png", "localhost"), server.url("/cat.png", "[::1]"),
+                server.url("/cat.png", "[::ffff:127.0.0.1]")):
+        refused("loopback address", fetch_image, url)
+    exc = refused("loopback address", fetch_image, server.url("/cat.png", "images.example.com"),
+                  resolver=lambda host, port: ["127.0.0.1"])
+    assert "resolves to a loopback address (127.0.0.1)" in exc.message
+    assert server.counts["/cat.png"] == before  # refused before connecting, not after
+
+
+def test_fetch_png_and_jpeg(server: ImageServer) -> None:
+    assert fetch_image(server.url("/cat.png"), allow_loopback=True) == (CAT_PNG, "image/png")
+    assert fetch_image(server.url("/cat.jpg"), allow_loopback=True) == (CAT_JPG, "image/jpeg")
+    assert fetch_image(server.url("/cat.png", "[::ffff:127.0.0.1]"), allow_loopback=True) == (CAT_PNG, "image/png")
+
+
+def test_odd_paths_are_encoded(server: ImageServer) -> None:
+    assert fetch_image(server.url("/cat.png?q=a b&k=ü"), allow_loopback=True)[1] == "image/png"
+    refused("answered HTTP 404", fetch_image, server.url("/cät png"), allow_loopback=True)
+
+
+def test_redirect_followed(server: ImageServer) -> None:
+    assert fetch_image(server.url("/redirect-ok"), allow_loopback=True) == (CAT_PNG, "image/png")
+    refused("too many redirects", fetch_image, server.url("/redirect-ok"), allow_loopback=True, max_redirects=0)
+
+
+def test_redirect_to_private_refused(server: ImageServer) -> None:
+    refused("private address (10.0.0.1)", fetch_image, server.url("/redirect-private"), allow_loopback=True)
+
+
+def test_redirect_loop_refused(server: ImageServer) -> None:
+    before = server.counts["/redirect-loop"]
+    refused("too many redirects", fetch_image, server.url("/redirect-loop"), allow_loopback=True, max_redirects=3)
+    assert server.counts["/redirect-loop"] - before == 4  # the first request and three hops, then stop
+
+
+def test_body_over_cap_stops_reading(server: ImageServer) -> None:
+    started = time.monotonic()
+    refused("larger than 1000000 bytes", fetch_image, server.url("/big.png"), allow_loopback=True,
+            max_bytes=1_000_000)
+    assert time.monotonic() - started < 3
+    assert server.finished["/big.png"].wait(10)
+    assert server.sent["/big.png"] < BIG_BYTES // 5  # stopped early: kernel buffers aside, about 1 MB went out
+
+
+def test_declared_length_over_cap_refused_before_reading(server: ImageServer) -> None:
+    refused("larger than 1000000 bytes (52428800)", fetch_image, server.url("/big-declared.png"),
+            allow_loopback=True, max_bytes=1_000_000)
+    assert server.finished["/big-declared.png"].wait(10)
+    assert server.sent["/big-declared.png"] < BIG_BYTES // 5
+
+
+@pytest.mark.parametrize("path, reason", [
+    ("/text", "not an image (Content-Type text/html)"),
+    ("/fake-png", "not an image (PNG, JPEG, GIF or WebP bytes expected)"),
+    ("/404", "answered HTTP 404"),
+])
+def test_bad_answers_refused(server: ImageServer, path: str, reason: str) -> None:
+    refused(reason, fetch_image, server.url(path), allow_loopback=True)
+
+
+@pytest.mark.parametrize("path", ["/hang", "/trickle.png"])
+def test_deadline(server: ImageServer, path: str) -> None:
+    started = time.monotonic()
+    refused("did not answer within 1 s", fetch_image, server.url(path), allow_loopback=True, timeout=1)
+    assert time.monotonic() - started < 2
+
+
+def test_connection_refused() -> None:
+    with socket.socket() as sock:  # a port that was free a moment ago and has no listener now
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    refused("could not be fetched", fetch_image, f"http://127.0.0.1:{port}/x.png", allow_loopback=True)
+
+
+# --- resolution: once per hop, and the connection goes to the address that was checked ------------------------------
+
+class RebindingResolver:
+    """Answers 127.0.0.1 first and 10.0.0.1 afterwards, as a DNS-rebinding attacker's name server would."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[str, int]] = []
+
+    def __call__(self, host: str, port: int) -> list[str]:
+        self.calls.append((host, port))
+        return ["127.0.0.1"] if len(self.calls) == 1 else ["10.0.0.1"]
+
+
+def test_connects_to_checked_address(server: ImageServer) -> None:
+    resolver = RebindingResolver()
+    url = server.url("/cat.png", "images.example.com")
+    assert fetch_image(url, allow_loopback=True, resolver=resolver) == (CAT_PNG, "image/png")
+    assert resolver.calls == [("images.example.com", server.port)]  # resolved once; urllib3 never re-resolved
+    assert server.hosts["/cat.png"] == f"images.example.com:{server.port}"
+
+
+def test_every_hop_resolved_and_checked(server: ImageServer) -> None:
+    resolver = RebindingResolver()
+    before = server.counts["/cat.png"]
+    refused("resolves to a private address (10.0.0.1)", fetch_image, server.url("/redirect-ok", "images.example.com"),
+            allow_loopback=True, resolver=resolver)
+    assert len(resolver.calls) == 2
+    assert server.counts["/cat.png"] == before
+
+
+def test_any_forbidden_answer_refuses() -> None:
+    refused("private address (10.0.0.1)", fetch_image, "http://images.example.com/x.png", allow_loopback=True,
+            resolver=lambda host, port: ["127.0.0.1", "10.0.0.1"])
+
+
+def test_unresolvable_host() -> None:
+    def fails(host: str, port: int) -> list[str]:
+        raise socket.gaierror(socket.EAI_NONAME, "Name or service not known")
+
+    refused("does not resolve", fetch_image, "http://nowhere.invalid/x.png", resolver=fails)
+    refused("does not resolve", fetch_image, "http://nowhere.invalid/x.png", resolver=lambda host, port: [])
+
+
+# --- HTTPS: connect to the checked IP, yet verify the certificate against the name in the URL -----------------------
+
+@pytest.fixture(scope="module")
+def tls_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[ImageServer, str]]:
+    if not shutil.which("openssl"):
+        pytest.skip("openssl is needed to make a test certificate")
+    tmp = tmp_path_factory.mktemp("tls")
+    cert, key = str(tmp / "cert.pem"), str(tmp / "key.pem")
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1",
+                    "-nodes", "-days", "1", "-subj", "/CN=images.example.com", "-keyout", key, "-out", cert,
+                    "-addext", "subjectAltName=DNS:images.example.com"], check=True, capture_output=True)
+    with ImageServer(tls=(cert, key)) as srv:
+        yield srv, cert
+
+
+def test_https_verifies_the_original_name(tls_server: tuple[ImageServer, str],
+                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    srv, cert = tls_server
+    monkeypatch.setattr(certifi, "where", lambda: cert)  # trust the test certificate instead of the public CAs
+    to_loopback = RebindingResolver()
+    url = srv.url("/cat.png", "images.example.com")
+    assert fetch_image(url, allow_loopback=True, resolver=to_loopback) == (CAT_PNG, "image/png")
+    assert len(to_loopback.calls) == 1
+    # Same server and address, but the certificate does not name this host: refused.
+    refused("could not be fetched", fetch_image, srv.url("/cat.png", "other.example.com"), allow_loopback=True,
+            resolver=lambda host, port: ["127.0.0.1"])
+
+
+def test_https_rejects_untrusted_certificate(tls_server: tuple[ImageServer, str]) -> None:
+    srv, _ = tls_server
+    refused("could not be fetched", fetch_image, srv.url("/cat.png", "images.example.com"), allow_loopback=True,
+            resolver=lambda host, port: ["127.0.0.1"])
+
+
+# --- under gevent, as gunicorn's gevent worker runs it ----------------------------------------------------------------
+
+GEVENT_SCRIPT = textwrap.dedent("""
+    from gevent import monkey; monkey.patch_all()
+    import json, sys, time, gevent
+    from safefetch import ImageRefused, fetch_image
+    port = sys.argv[1]
+
+    def outcome(host, path, **kw):
+        try:
+            return fetch_image(f"http://{host}:{port}{path}", allow_loopback=True, timeout=1, **kw)[1]
+        except ImageRefused as exc:
+            return exc.message
+
+    def slow_dns(host, port):
+        gevent.sleep(10)
+        return ["127.0.0.1"]
+
+    started = time.monotonic()
+    jobs = [gevent.spawn(outcome, "127.0.0.1", p) for p in ("/hang", "/cat.png", "/trickle.png")]
+    gevent.joinall(jobs)
+    middle = time.monotonic()
+    dns = outcome("slow.example.com", "/cat.png", resolver=slow_dns)
+    print(json.dumps({"results": [j.value for j in jobs], "concurrent": middle - started, "dns": dns,
+                      "dns_seconds": time.monotonic() - middle}))
+""")
+
+
+def test_under_gevent(server: ImageServer) -> None:
+    """Greenlets fetch side by side, and the deadline also cuts off a DNS lookup, which socket timeouts cannot."""
+    done = subprocess.run([sys.executable, "-c", GEVENT_SCRIPT, str(server.port)], check=False, capture_output=True,
+                          text=True, timeout=20, cwd=str(Path(__file__).resolve().parent.parent))
+    assert done.returncode == 0, done.stderr
+    out = json.loads(done.stdout)
+    hang, cat, trickle = out["results"]
+    assert cat == "image/png" and "did not answer within 1 s" in hang and "did not answer within 1 s" in trickle
+    assert out["concurrent"] < 2
+    assert "did not answer within 1 s" in out["dns"] and out["dns_seconds"] < 3
