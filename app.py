@@ -20,7 +20,9 @@ import chat
 import cli
 import config as config_mod
 import db
+import images
 import keys
+import music
 import tokens
 from errors import AuthError, GatewayError, InvalidRequest, ModelNotFound, NotFound, PayloadTooLarge, RateLimited
 from metering import Ticket
@@ -182,6 +184,14 @@ def create_app(cfg: config_mod.Config | None = None) -> Flask:
         body = _json_body()
         chat.validate("completions", body)
         return chat.handle(_ticket(cfg, "completions"), "completions", body, cfg.server.heartbeat_seconds)
+
+    @app.post("/v1/images/generations")
+    def images_generations() -> Response:
+        return images.handle(_ticket(cfg, "images.generations"), _json_body())
+
+    @app.post("/v1/audio/music")
+    def audio_music() -> Response:
+        return music.handle(_ticket(cfg, "audio.music"), _json_body())
 
     cli.register(app)
     app.extensions["gateway_limiter"] = limiter

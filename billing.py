@@ -144,6 +144,7 @@ def release_orphans(path: str, ttl_seconds: float) -> int:
 
 
 def _alive(pid: int) -> bool:
+    """Whether the process that took a hold can still settle it (a zombie cannot)."""
     if pid == os.getpid():
         return True
     try:
@@ -152,7 +153,12 @@ def _alive(pid: int) -> bool:
         return False
     except PermissionError:
         return True
-    return True
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            state = f.read().rsplit(b")", 1)[1].split()[0]
+        return state not in (b"Z", b"X")
+    except (OSError, IndexError):
+        return True
 
 
 def credit(conn: sqlite3.Connection, key_id: int, amount: int, kind: str) -> None:

@@ -11,6 +11,7 @@ from gevent.queue import Empty, Queue
 
 import billing
 import tokens
+import vision
 from config import ModelConfig, UpstreamConfig
 from errors import GatewayError, InsufficientCredits, InvalidRequest, ModelNotFound, UpstreamError
 from metering import Ticket, dumps_with_cost
@@ -106,11 +107,14 @@ def planner(model: ModelConfig, prompt_tokens: int, mult: int, client_cap: int |
     return plan
 
 
-def handle(ticket: Ticket, route: str, body: dict, heartbeat: float, extra_hold: int = 0) -> Response:
+def handle(ticket: Ticket, route: str, body: dict, heartbeat: float) -> Response:
     """Run one chat or legacy completion request end to end; the ticket is settled on every path."""
     model, upstream = resolve(ticket.cfg, body["model"], "chat")
     ticket.model = model.id
     stream = bool(body.get("stream"))
+    # Images are checked, fetched and priced before the hold, so a refused image costs nothing.
+    images = vision.plan(ticket.cfg, model, upstream, body) if route == "chat" else None
+    extra_hold = images.extra_hold if images else 0
     if route == "chat":
         prompt_tokens = tokens.chat_prompt(body)
         cap_field = next((f for f in ("max_completion_tokens", "max_tokens") if body.get(f) is not None), None)
@@ -121,14 +125,18 @@ def handle(ticket: Ticket, route: str, body: dict, heartbeat: float, extra_hold:
         mult = max(body.get("n") or 1, body.get("best_of") or 1)  # best_of completions are generated and billed
     client_cap = body[cap_field] if cap_field else None
     hold = ticket.take_hold(planner(model, prompt_tokens, mult, client_cap, extra_hold))
+    headers = {}
     try:
+        if images:
+            body = images.apply(ticket)  # bridge descriptions, inlined data URLs; charges the bridge calls
+            headers = images.headers()
         up_body = dict(body)
         up_body["model"] = model.upstream_model
         if client_cap is None:
             up_body[upstream.max_tokens_field if route == "chat" else "max_tokens"] = hold.plan
         path = "chat/completions" if route == "chat" else "completions"
         if not stream:
-            return _plain(ticket, model, upstream, path, up_body, prompt_tokens)
+            return _plain(ticket, model, upstream, path, up_body, prompt_tokens, headers)
         client_usage = bool((body.get("stream_options") or {}).get("include_usage"))
         up_body["stream_options"] = {**(body.get("stream_options") or {}), "include_usage": True}
         resp = openai_provider.open_stream(upstream, path, up_body)
@@ -140,11 +148,11 @@ def handle(ticket: Ticket, route: str, body: dict, heartbeat: float, extra_hold:
         raise
     relay = Relay(ticket, model, upstream, route, resp, prompt_tokens, client_usage, heartbeat)
     return Response(relay.run(), mimetype="text/event-stream",
-                    headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+                    headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no", **headers})
 
 
 def _plain(ticket: Ticket, model: ModelConfig, upstream: UpstreamConfig, path: str, up_body: dict,
-           prompt_est: int) -> Response:
+           prompt_est: int, headers: dict[str, str]) -> Response:
     doc = openai_provider.call(upstream, path, up_body)
     if not isinstance(doc.get("choices"), list):
         raise UpstreamError(f"The upstream '{upstream.name}' answered without 'choices'.")
@@ -160,7 +168,7 @@ def _plain(ticket: Ticket, model: ModelConfig, upstream: UpstreamConfig, path: s
     ticket.add(cost, 200, prompt_tokens=prompt, completion_tokens=completion, estimated=estimated)
     charged = ticket.settle(200)
     return Response(dumps_with_cost(doc, usage, charged), mimetype="application/json",
-                    headers=ticket.credit_headers(charged))
+                    headers={**ticket.credit_headers(charged), **headers})
 
 
 def _choice_text(choice: dict) -> str:
@@ -200,27 +208,30 @@ class Relay:
             queue.put(UpstreamError(f"The upstream '{self.upstream.name}' broke off the stream."))
 
     def _event(self, data: bytes) -> bytes | None:
-        """One upstream event as bytes for the client, or None to drop it; notes usage and upstream errors."""
-        if b'"usage"' in data or b'"error"' in data:
-            try:
-                obj = json.loads(data)
-            except ValueError:
-                raise UpstreamError(f"The upstream '{self.upstream.name}' sent an event that is not JSON.") from None
-            if isinstance(obj, dict) and obj.get("error") is not None:
-                raise UpstreamError(str((obj["error"] or {}).get("message") or "The upstream failed mid-stream."))
-            usage = obj.get("usage") if isinstance(obj, dict) else None
-            if isinstance(usage, dict) and isinstance(usage.get("prompt_tokens"), int):
-                self.usage = usage
-                if self.client_usage:
-                    cost = billing.token_cost(self.model, usage["prompt_tokens"], int(usage.get("completion_tokens")
-                                                                                      or 0))
-                    return b"data: " + dumps_with_cost(obj, usage, cost).encode() + b"\n\n"
-                if not obj.get("choices"):
-                    return None
-                del obj["usage"]
-                return b"data: " + json.dumps(obj, separators=(",", ":")).encode() + b"\n\n"
-        elif data[:1] != b"{":
-            raise UpstreamError(f"The upstream '{self.upstream.name}' sent an event that is not JSON.")
+        """One upstream event as bytes for the client, or None to drop it; notes usage and upstream errors.
+
+        Every event is parsed (a few microseconds) so a malformed one ends the stream with an error event
+        instead of reaching the client's SDK; it is re-serialized only when the gateway changes it.
+        """
+        try:
+            obj = json.loads(data)
+        except ValueError:
+            obj = None
+        if not isinstance(obj, dict):
+            raise UpstreamError(f"The upstream '{self.upstream.name}' sent an event that is not a JSON object.")
+        if obj.get("error") is not None:
+            err = obj["error"] if isinstance(obj["error"], dict) else {}
+            raise UpstreamError(str(err.get("message") or "The upstream failed mid-stream."))
+        usage = obj.get("usage")
+        if isinstance(usage, dict) and isinstance(usage.get("prompt_tokens"), int):
+            self.usage = usage
+            if self.client_usage:
+                cost = billing.token_cost(self.model, usage["prompt_tokens"], int(usage.get("completion_tokens") or 0))
+                return b"data: " + dumps_with_cost(obj, usage, cost).encode() + b"\n\n"
+            if not obj.get("choices"):
+                return None
+            del obj["usage"]
+            return b"data: " + json.dumps(obj, separators=(",", ":")).encode() + b"\n\n"
         return b"data: " + data + b"\n\n"
 
     def run(self) -> Iterator[bytes]:
@@ -235,14 +246,19 @@ class Relay:
                 except Empty:
                     yield b": ping\n\n"
                     continue
-                batch, items, done = [], [], False
+                batch, items, done, failed = [], [], False, None
                 while True:  # drain what has arrived, so a burst of events costs one write
                     if item is _EOF:
                         done = True
                         break
                     if isinstance(item, GatewayError):
-                        raise item
-                    out = self._event(item)
+                        failed = item  # relay what came before it first
+                        break
+                    try:
+                        out = self._event(item)
+                    except GatewayError as exc:
+                        failed = exc
+                        break
                     if out is not None:
                         batch.append(out)
                         items.append(item)
@@ -250,13 +266,16 @@ class Relay:
                         break
                     item = queue.get()
                 if done:
-                    batch.append(b"data: [DONE]\n\n")
+                    # Settle before the client sees the end, so a balance read after [DONE] is already current.
+                    self.delivered += items
+                    self._settle(200)
+                    yield b"".join(batch) + b"data: [DONE]\n\n"
+                    break
                 if batch:
                     yield b"".join(batch)
                     self.delivered += items  # only once the write went through: a vanished client raises above
-                if done:
-                    status = 200
-                    break
+                if failed is not None:
+                    raise failed
         except GatewayError as exc:
             status = exc.status
             yield b"data: " + json.dumps(exc.body(), separators=(",", ":")).encode() + b"\n\n"
@@ -266,6 +285,8 @@ class Relay:
             self._settle(status)
 
     def _settle(self, status: int) -> None:
+        if self.ticket.settled:
+            return
         if status >= 500:
             self.ticket.settle(status)  # a failed upstream call costs nothing
             return

@@ -1,1 +1,4 @@
-"""Upstream providers by config kind. A provider is a module of plain functions over plain dicts."""
+"""Upstream providers by config kind: a literal registry, no discovery. Each is a module of plain functions."""
+from providers import gemini, lyria, openai
+
+PROVIDERS = {"openai": openai, "gemini": gemini, "lyria": lyria}

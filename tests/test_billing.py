@@ -1,0 +1,125 @@
+"""Billing end to end: exact charges, disconnects, overage, concurrency without overdraft, crash recovery."""
+from __future__ import annotations
+
+import json
+import signal
+import socket
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import openai
+import requests
+
+import billing
+from tests.conftest import Gateway
+
+NANO = 10**9
+
+
+def wait_for(predicate, timeout: float = 10.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.05)
+    return False
+
+
+def test_format_and_parse_credits():
+    assert billing.format_credits(15600) == "0.0000156"
+    assert billing.format_credits(5 * NANO) == "5"
+    assert billing.format_credits(0) == "0"
+    assert billing.parse_credits("0.5") == NANO // 2
+    assert billing.parse_credits("0.000000001") == 1
+    for bad in ("-1", "0.0000000001", "abc", "nan"):
+        try:
+            billing.parse_credits(bad)
+        except ValueError:
+            continue
+        raise AssertionError(f"{bad} was accepted")
+
+
+def test_disconnect_is_charged_for_what_was_delivered(gateway, fake_openai):
+    key_id, secret = gateway.create_key("1")
+    body = json.dumps({"model": "gpt-test", "stream": True,
+                       "messages": [{"role": "user", "content": "long [chunks=200] [delay=0.02]"}]}).encode()
+    sock = socket.create_connection(("127.0.0.1", gateway.port), timeout=10)
+    sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                 + f"Authorization: Bearer {secret}\r\nContent-Length: {len(body)}\r\n\r\n".encode() + body)
+    received = b""
+    while received.count(b"tok") < 5:
+        received += sock.recv(4096)
+    sock.close()  # vanish without reading further, as a killed client would
+    assert wait_for(lambda: len(gateway.usage(key_id)) == 1), "the gateway never settled the cut stream"
+    row = gateway.usage(key_id)[0]
+    assert row["status"] == 499 and row["estimated"] == 1
+    assert 5 <= row["completion_tokens"] < 200 * 2  # "tokN " is two tokens; far fewer than 200 chunks went out
+    assert row["cost"] == billing.ceil_div(row["prompt_tokens"] * 400_000_000 + row["completion_tokens"]
+                                           * 1_600_000_000, 10**6)
+    assert gateway.balance(key_id) == NANO - row["cost"]
+    assert gateway.open_holds(key_id) == 0
+
+
+def test_overage_is_collected_down_to_zero_and_recorded(gateway):
+    key_id, secret = gateway.create_key("0.0002")
+    gateway.client(secret).chat.completions.create(
+        model="gpt-test", max_tokens=10, messages=[{"role": "user", "content": "x [usage=10,1000]"}])
+    row = gateway.usage(key_id)[0]
+    assert gateway.balance(key_id) == 0
+    assert row["cost"] == 10 * 400 + 1000 * 1600
+    assert row["uncollected"] == row["cost"] - 200_000
+    assert gateway.flask("audit").returncode == 0
+
+
+def test_concurrent_requests_never_overdraw(make_gateway):
+    gw = make_gateway(workers=2)
+    key_id, secret = gw.create_key("0.001")  # each request holds ~0.000166 and costs 0.000164
+    client = gw.client(secret)
+
+    def one(_):
+        try:
+            client.chat.completions.create(model="gpt-test", max_tokens=100,
+                                           messages=[{"role": "user", "content": "x [usage=10,100]"}])
+            return 200
+        except openai.APIStatusError as exc:
+            return exc.status_code
+
+    with ThreadPoolExecutor(24) as pool:
+        statuses = list(pool.map(one, range(40)))
+    ok = statuses.count(200)
+    assert set(statuses) <= {200, 402}
+    assert 1 <= ok <= 6
+    assert gw.balance(key_id) == NANO // 1000 - ok * 164_000 >= 0
+    assert gw.open_holds(key_id) == 0
+    audit = gw.flask("audit")
+    assert audit.returncode == 0, audit.stdout + audit.stderr
+
+
+def test_holds_of_a_killed_process_come_back_on_restart(make_gateway):
+    gw = make_gateway()
+    key_id, secret = gw.create_key("1")
+
+    def slow_stream():
+        try:
+            _ = requests.post(f"{gw.base_url}/chat/completions", headers={"Authorization": f"Bearer {secret}"},
+                          json={"model": "gpt-test", "stream": True, "max_tokens": 500,
+                                "messages": [{"role": "user", "content": "x [chunks=100] [delay=0.2]"}]},
+                          timeout=30).content
+        except requests.RequestException:
+            pass
+
+    threading.Thread(target=slow_stream, daemon=True).start()
+    assert wait_for(lambda: gw.open_holds(key_id) == 1)
+    held = NANO - gw.balance(key_id)
+    assert held > 0
+    gw.stop(signal.SIGKILL)  # no finally runs: the hold stays open
+    assert gw.open_holds(key_id) == 1 and gw.balance(key_id) == NANO - held
+    again = Gateway(gw.tmp, gw.cfg).start()
+    try:
+        assert gw.open_holds(key_id) == 0
+        assert gw.balance(key_id) == NANO
+        assert again.flask("audit").returncode == 0
+        assert "returned 1 hold" in again.log()
+    finally:
+        again.stop()

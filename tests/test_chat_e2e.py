@@ -1,0 +1,281 @@
+"""End to end with the official openai SDK against gunicorn + gevent: models, chat, completions, errors."""
+from __future__ import annotations
+
+import json
+import socket
+
+import openai
+import pytest
+import requests
+
+from tests.conformance.validate import validate
+
+NANO = 10**9
+
+
+def cost(p: int, c: int, inp: str = "0.40", out: str = "1.60") -> int:
+    """Expected nano-credits, computed independently of billing.py (prices per million tokens)."""
+    from decimal import ROUND_CEILING, Decimal
+    exact = (Decimal(p) * Decimal(inp) + Decimal(c) * Decimal(out)) / Decimal(10**6) * NANO
+    return int(exact.to_integral_value(rounding=ROUND_CEILING))
+
+
+def test_health_needs_no_key(gateway):
+    r = requests.get(f"{gateway.url}/health")
+    assert r.status_code == 200
+    assert r.json()["status"] == "OK"
+    assert r.json()["timestamp"].endswith("Z")
+    assert r.headers["x-request-id"].startswith("req_")
+
+
+def test_models_list_and_retrieve(gateway, key):
+    client = gateway.client(key[1])
+    models = client.models.list()
+    ids = [m.id for m in models.data]
+    assert "gpt-test" in ids and "gemini-2.5-flash-image" in ids
+    m = client.models.retrieve("gpt-test")
+    assert m.owned_by == "violations"
+    assert m.model_extra["pricing"]["input_per_million_tokens"] == 0.4
+    assert m.model_extra["capabilities"]["vision"] is True
+    with pytest.raises(openai.NotFoundError) as exc:
+        client.models.retrieve("no-such-model")
+    assert exc.value.code == "model_not_found"
+
+
+def test_chat_charges_exactly(gateway, fake_openai):
+    key_id, secret = gateway.create_key("1")
+    before = gateway.balance(key_id)
+    resp = gateway.client(secret).chat.completions.with_raw_response.create(
+        model="gpt-test", messages=[{"role": "user", "content": "hello [usage=1234,567]"}])
+    completion = resp.parse()
+    assert completion.choices[0].message.content == "Hello from the fake upstream!"
+    expected = cost(1234, 567)
+    assert completion.usage.model_extra["cost"] == pytest.approx(expected / NANO)
+    assert before - gateway.balance(key_id) == expected
+    assert resp.headers["x-credits-charged"] == "0.0014008"
+    assert resp.headers["x-credits-remaining"] == "0.9985992"
+    assert fake_openai.requests[-1]["body"]["model"] == "gpt-4.1-mini"  # upstream_model
+    rows = gateway.usage(key_id)
+    assert len(rows) == 1 and rows[0]["cost"] == expected and rows[0]["prompt_tokens"] == 1234
+    assert gateway.open_holds(key_id) == 0
+
+
+def test_stream_charges_and_reports_cost(gateway):
+    key_id, secret = gateway.create_key("1")
+    before = gateway.balance(key_id)
+    stream = gateway.client(secret).chat.completions.create(
+        model="gpt-test", stream=True, stream_options={"include_usage": True},
+        messages=[{"role": "user", "content": "hi [usage=100,50] [chunks=6]"}])
+    chunks = list(stream)
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == "".join(f"tok{i} " for i in range(6))
+    usage = chunks[-1].usage
+    assert usage.prompt_tokens == 100 and usage.model_extra["cost"] == pytest.approx(cost(100, 50) / NANO)
+    assert before - gateway.balance(key_id) == cost(100, 50)
+
+
+def test_stream_strips_usage_when_not_asked(gateway, fake_openai):
+    key_id, secret = gateway.create_key("1")
+    r = requests.post(f"{gateway.base_url}/chat/completions", headers={"Authorization": f"Bearer {secret}"},
+                      json={"model": "gpt-test", "stream": True,
+                            "messages": [{"role": "user", "content": "hi [usage=10,4]"}]}, stream=True)
+    body = r.text
+    assert r.headers["content-type"].startswith("text/event-stream")
+    assert '"usage"' not in body
+    assert body.rstrip().endswith("data: [DONE]")
+    # the gateway asked the upstream for usage anyway, and charged it
+    assert fake_openai.requests[-1]["body"]["stream_options"] == {"include_usage": True}
+    assert gateway.usage(key_id)[0]["cost"] == cost(10, 4)
+
+
+def test_stream_usage_on_last_content_chunk(gateway):
+    """Some upstreams (Gemini's endpoint) put usage on the finish chunk; without include_usage it is removed."""
+    key_id, secret = gateway.create_key("1")
+    r = requests.post(f"{gateway.base_url}/chat/completions", headers={"Authorization": f"Bearer {secret}"},
+                      json={"model": "gpt-test", "stream": True,
+                            "messages": [{"role": "user", "content": "hi [usage=10,4] [usage-in-last]"}]})
+    events = [json.loads(line[6:]) for line in r.text.splitlines() if line.startswith("data: {")]
+    assert all("usage" not in e for e in events)
+    assert events[-1]["choices"][0]["finish_reason"] == "stop"
+    assert gateway.usage(key_id)[0]["cost"] == cost(10, 4)
+
+
+def test_stream_without_usage_counts_delivered_tokens(gateway):
+    key_id, secret = gateway.create_key("1")
+    chunks = list(gateway.client(secret).chat.completions.create(
+        model="gpt-test", stream=True, messages=[{"role": "user", "content": "count me [nousage] [chunks=5]"}]))
+    assert chunks
+    row = gateway.usage(key_id)[0]
+    assert row["estimated"] == 1
+    assert row["completion_tokens"] >= 5  # "tok0 tok1 ..." counted with tiktoken
+    assert row["cost"] == cost(row["prompt_tokens"], row["completion_tokens"])
+
+
+def test_legacy_completions_plain_and_streamed(gateway):
+    key_id, secret = gateway.create_key("1")
+    client = gateway.client(secret)
+    c = client.completions.create(model="gpt-test", prompt="Once upon a time [usage=5,7]")
+    assert c.choices[0].text == "Hello from the fake upstream!"
+    assert c.usage.model_extra["cost"] == pytest.approx(cost(5, 7) / NANO)
+    parts = list(client.completions.create(model="gpt-test", prompt="Once [usage=5,3]", stream=True,
+                                           stream_options={"include_usage": True}))
+    assert "".join(p.choices[0].text for p in parts if p.choices) == "tok0 tok1 tok2 tok3 "
+    assert gateway.balance(key_id) == NANO - cost(5, 7) - cost(5, 3)
+
+
+def test_passthrough_of_unknown_parameters(gateway, key, fake_openai):
+    gateway.client(key[1]).chat.completions.create(
+        model="gpt-test", messages=[{"role": "user", "content": "hi"}], temperature=0.3, seed=7,
+        extra_body={"my_custom_flag": {"nested": [1, 2]}, "top_k": 5})
+    sent = fake_openai.requests[-1]["body"]
+    assert sent["temperature"] == 0.3 and sent["seed"] == 7
+    assert sent["my_custom_flag"] == {"nested": [1, 2]} and sent["top_k"] == 5
+
+
+def test_output_cap_sent_when_client_names_none(gateway, fake_openai):
+    # 0.0005 credits: prompt ~12 tokens at 0.4/M leaves room for about 309 output tokens at 1.6/M
+    key_id, secret = gateway.create_key("0.0005")
+    gateway.client(secret).chat.completions.create(model="gpt-test",
+                                                   messages=[{"role": "user", "content": "hi [usage=1,1]"}])
+    cap = fake_openai.requests[-1]["body"]["max_tokens"]
+    assert 250 < cap < 312
+    # the client's own cap is left as it is
+    gateway.client(secret).chat.completions.create(model="gpt-test", max_completion_tokens=20,
+                                                   messages=[{"role": "user", "content": "hi [usage=1,1]"}])
+    sent = fake_openai.requests[-1]["body"]
+    assert sent["max_completion_tokens"] == 20 and "max_tokens" not in sent
+
+
+def test_bad_key_is_401(gateway):
+    for header in ({}, {"Authorization": "Bearer sk-nope"}, {"Authorization": "Basic abc"}):
+        r = requests.post(f"{gateway.base_url}/chat/completions", headers=header, json={})
+        assert r.status_code == 401
+        assert r.json()["error"]["code"] == "invalid_api_key"
+        assert validate("ErrorResponse", r.json()) == []
+    with pytest.raises(openai.AuthenticationError):
+        gateway.client("sk-wrong").models.list()
+
+
+def test_revoked_key_is_401(gateway):
+    key_id, secret = gateway.create_key("1")
+    assert gateway.flask("keys", "revoke", str(key_id)).returncode == 0
+    with pytest.raises(openai.AuthenticationError):
+        gateway.client(secret).models.list()
+
+
+def test_empty_key_is_402_and_costs_nothing(gateway, fake_openai):
+    key_id, secret = gateway.create_key("0")
+    sent = len(fake_openai.requests)
+    with pytest.raises(openai.APIStatusError) as exc:
+        gateway.client(secret).chat.completions.create(model="gpt-test", messages=[{"role": "user", "content": "x"}])
+    assert exc.value.status_code == 402
+    assert exc.value.code == "insufficient_credits"
+    assert len(fake_openai.requests) == sent
+
+
+def test_client_cap_beyond_balance_is_402(gateway):
+    key_id, secret = gateway.create_key("0.0001")
+    with pytest.raises(openai.APIStatusError) as exc:
+        gateway.client(secret).chat.completions.create(model="gpt-test", max_tokens=1000,
+                                                       messages=[{"role": "user", "content": "x"}])
+    assert exc.value.status_code == 402
+    assert gateway.balance(key_id) == 100_000
+
+
+def test_unknown_model_is_404(gateway, key):
+    with pytest.raises(openai.NotFoundError) as exc:
+        gateway.client(key[1]).chat.completions.create(model="nope", messages=[{"role": "user", "content": "x"}])
+    assert exc.value.code == "model_not_found"
+
+
+@pytest.mark.parametrize("body,param", [
+    ({"messages": [{"role": "user", "content": "x"}]}, "model"),
+    ({"model": "gpt-test"}, "messages"),
+    ({"model": "gpt-test", "messages": []}, "messages"),
+    ({"model": "gpt-test", "messages": "hi"}, "messages"),
+    ({"model": "gpt-test", "messages": [{"content": "x"}]}, "messages[0]"),
+    ({"model": "gpt-test", "messages": [{"role": "user", "content": "x"}], "max_tokens": 0}, "max_tokens"),
+    ({"model": "gpt-test", "messages": [{"role": "user", "content": "x"}], "stream": "yes"}, "stream"),
+    ({"model": "gpt-test", "messages": [{"role": "user", "content": "x"}], "n": 0}, "n"),
+    ({"model": 5, "messages": [{"role": "user", "content": "x"}]}, "model"),
+])
+def test_invalid_requests_are_400(gateway, key, body, param):
+    r = requests.post(f"{gateway.base_url}/chat/completions", headers={"Authorization": f"Bearer {key[1]}"},
+                      json=body)
+    assert r.status_code == 400, r.text
+    assert r.json()["error"]["param"] == param
+    assert r.json()["error"]["type"] == "invalid_request_error"
+
+
+def test_bad_json_route_method_and_size(gateway, key):
+    auth = {"Authorization": f"Bearer {key[1]}", "Content-Type": "application/json"}
+    r = requests.post(f"{gateway.base_url}/chat/completions", headers=auth, data=b"{not json")
+    assert r.status_code == 400 and r.json()["error"]["code"] == "invalid_json"
+    r = requests.post(f"{gateway.base_url}/chat/completions", headers=auth, data=b"[1, 2]")
+    assert r.status_code == 400
+    r = requests.get(f"{gateway.base_url}/nowhere", headers=auth)
+    assert r.status_code == 404 and r.json()["error"]["code"] == "not_found"
+    r = requests.get(f"{gateway.base_url}/chat/completions", headers=auth)
+    assert r.status_code == 405 and validate("ErrorResponse", r.json()) == []
+    # Content-Length says 30 MiB but only the headers are sent: the 413 comes before any body is read.
+    with socket.create_connection(("127.0.0.1", gateway.port), timeout=5) as s:
+        s.sendall((f"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {key[1]}\r\n"
+                   f"Content-Type: application/json\r\nContent-Length: {30 << 20}\r\n\r\n").encode())
+        head, _, body = s.recv(65536).partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 413")
+    assert validate("ErrorResponse", json.loads(body)) == []
+
+
+@pytest.mark.parametrize("word,status,cls", [
+    ("[error400]", 400, openai.BadRequestError),
+    ("[error401]", 502, openai.InternalServerError),
+    ("[error429]", 429, openai.RateLimitError),
+    ("[error500]", 502, openai.InternalServerError),
+    ("[badjson]", 502, openai.InternalServerError),
+    ("[slow]", 504, openai.InternalServerError),
+])
+def test_upstream_errors_map_and_cost_nothing(gateway, word, status, cls):
+    key_id, secret = gateway.create_key("1")
+    with pytest.raises(cls) as exc:
+        gateway.client(secret).chat.completions.create(model="gpt-test",
+                                                       messages=[{"role": "user", "content": word}])
+    assert exc.value.status_code == status
+    if status == 429:
+        assert exc.value.response.headers["retry-after"] == "7"
+    if word == "[error401]":
+        assert "credentials" in exc.value.message  # the gateway's upstream key is wrong, not the client's
+    assert gateway.balance(key_id) == NANO
+    assert gateway.usage(key_id)[0]["status"] == status and gateway.usage(key_id)[0]["cost"] == 0
+
+
+def test_missing_upstream_key_and_unreachable_upstream(gateway, key):
+    client = gateway.client(key[1])
+    with pytest.raises(openai.InternalServerError) as exc:
+        client.chat.completions.create(model="gpt-nokey", messages=[{"role": "user", "content": "x"}])
+    assert exc.value.status_code == 502 and "TEST_MISSING_KEY" in exc.value.message
+    with pytest.raises(openai.InternalServerError) as exc:
+        client.chat.completions.create(model="gpt-dead", messages=[{"role": "user", "content": "x"}])
+    assert exc.value.status_code == 502
+
+
+@pytest.mark.parametrize("word", ["[cut]", "[malformed]", "[midstream-error]"])
+def test_broken_streams_end_with_an_error_event(gateway, word):
+    key_id, secret = gateway.create_key("1")
+    stream = gateway.client(secret).chat.completions.create(
+        model="gpt-test", stream=True, messages=[{"role": "user", "content": f"go {word}"}])
+    got = []
+    with pytest.raises(openai.APIError):
+        for chunk in stream:
+            got.append(chunk)
+    assert got  # something was relayed before the failure
+    assert gateway.balance(key_id) == NANO  # a failed upstream call costs nothing
+    assert gateway.open_holds(key_id) == 0
+
+
+def test_upstream_key_never_reaches_client_or_log(gateway, key):
+    from tests.conftest import UPSTREAM_KEY
+    r = requests.post(f"{gateway.base_url}/chat/completions", headers={"Authorization": f"Bearer {key[1]}"},
+                      json={"model": "gpt-test", "messages": [{"role": "user", "content": "[error401]"}]})
+    assert UPSTREAM_KEY not in r.text
+    assert UPSTREAM_KEY not in gateway.log()
+    assert key[1] not in gateway.log()
