@@ -1,0 +1,218 @@
+"""POST /v1/audio/music end to end: the real gunicorn + gevent gateway, the fake Lyria server, `requests` as a user."""
+from __future__ import annotations
+
+import base64
+import io
+import time
+import uuid
+import wave
+from concurrent.futures import ThreadPoolExecutor
+from decimal import Decimal
+
+import pytest
+import requests
+
+from tests.conformance.validate import validate
+from tests.conftest import GEMINI_KEY
+
+PRICE_NANO = 1_000_000  # lyria-realtime-exp: per_second 0.001 credits in the test config
+PCM_MIME = "audio/l16;rate=48000;channels=2"
+
+
+def post(gw, secret: str, body: dict, timeout: float = 30) -> requests.Response:
+    """A music request; whatever the gateway answers must never carry the upstream key."""
+    resp = requests.post(f"{gw.base_url}/audio/music", json=body, timeout=timeout,
+                         headers={"Authorization": f"Bearer {secret}"})
+    assert GEMINI_KEY not in resp.text and GEMINI_KEY not in str(resp.headers)
+    return resp
+
+
+def tag() -> str:
+    """A unique word to find this request's session at the fake."""
+    return uuid.uuid4().hex[:12]
+
+
+def session_for(fake, word: str) -> dict:
+    """The fake's record of the session whose prompts mention `word`."""
+    for session in reversed(fake.sessions):
+        for msg in session["messages"]:
+            prompts = (msg.get("clientContent") or {}).get("weightedPrompts") or []
+            if any(word in p.get("text", "") for p in prompts):
+                return session
+    raise AssertionError(f"no Lyria session with prompt {word!r}")
+
+
+def audio(resp: requests.Response) -> tuple[dict, bytes]:
+    assert resp.status_code == 200, resp.text
+    doc = resp.json()
+    return doc, base64.b64decode(doc["data"][0]["b64_audio"])
+
+
+def error(resp: requests.Response, status: int, code: str | None = None, param: str | None = None) -> dict:
+    """The OpenAI-shaped error body, checked against the ErrorResponse schema."""
+    assert resp.status_code == status, resp.text
+    doc = resp.json()
+    assert validate("ErrorResponse", doc) == []
+    err = doc["error"]
+    if code is not None:
+        assert err["code"] == code
+    if param is not None:
+        assert err["param"] == param and param in err["message"]
+    return err
+
+
+@pytest.mark.parametrize("asked, seconds", [(4, 4), (8, 8), (30, 30), (2, 4), (60, 30), (4.5, 4.5)])
+def test_clip_length_duration_and_exact_charge(gateway, key, asked, seconds):
+    key_id, secret = key
+    before = gateway.balance(key_id)
+    resp = post(gateway, secret, {"model": "lyria-realtime-exp", "prompt": "minimal techno",
+                                  "duration_seconds": asked})
+    doc, pcm = audio(resp)
+    assert len(pcm) == int(seconds * 48000) * 4
+    assert pcm != bytes(len(pcm))  # the fake's sine, not silence
+    assert doc["duration_seconds"] == seconds and isinstance(doc["created"], int)
+    assert doc["model"] == "lyria-realtime-exp"
+    assert doc["data"][0] | {"b64_audio": ""} == {"b64_audio": "", "mime_type": PCM_MIME, "sample_rate": 48000,
+                                                  "channels": 2}
+    cost = int(seconds * 1000) * PRICE_NANO // 1000  # exact: seconds x 0.001 credits
+    assert before - gateway.balance(key_id) == cost
+    assert resp.headers["x-credits-charged"] == str((Decimal(str(seconds)) * Decimal("0.001")).normalize())
+    (row,) = gateway.usage(key_id)
+    assert (row["route"], row["model"], row["status"], row["cost"], row["units"]) == \
+        ("audio.music", "lyria-realtime-exp", 200, cost, seconds)
+    assert gateway.open_holds(key_id) == 0
+
+
+def test_defaults_are_documented_model_and_eight_seconds(gateway, key):
+    doc, pcm = audio(post(gateway, key[1], {"prompt": "lofi beats"}))
+    assert doc["model"] == "lyria-realtime-exp" and doc["duration_seconds"] == 8
+    assert len(pcm) == 8 * 48000 * 4
+
+
+def test_fake_saw_setup_key_weighted_prompts_and_camel_config(gateway, key, fake_lyria):
+    word = tag()
+    prompts = [{"text": f"piano {word}", "weight": 1.0}, {"text": "rain", "weight": 0.4}]
+    config = {"bpm": 95, "temperature": 1.2, "scale": "D_MAJOR_B_MINOR", "top_k": 30, "mute_drums": True}
+    audio(post(gateway, key[1], {"weighted_prompts": prompts, "duration_seconds": 4,
+                                 "music_generation_config": config}))
+    session = session_for(fake_lyria, word)
+    assert session["headers"]["x-goog-api-key"] == GEMINI_KEY and GEMINI_KEY not in session["path"]
+    assert session["messages"][:4] == [
+        {"setup": {"model": "models/lyria-realtime-exp"}},
+        {"clientContent": {"weightedPrompts": prompts}},
+        {"musicGenerationConfig": {"bpm": 95, "temperature": 1.2, "scale": "D_MAJOR_B_MINOR", "topK": 30,
+                                   "muteDrums": True}},
+        {"playbackControl": "PLAY"}]
+
+
+def test_prompt_given_as_weighted_list(gateway, key, fake_lyria):
+    word = tag()
+    prompts = [{"text": f"cello {word}", "weight": 2}, {"text": "drums", "weight": -0.5}]
+    audio(post(gateway, key[1], {"prompt": prompts, "duration_seconds": 4}))
+    assert session_for(fake_lyria, word)["messages"][1] == {"clientContent": {"weightedPrompts": [
+        {"text": f"cello {word}", "weight": 2.0}, {"text": "drums", "weight": -0.5}]}}
+
+
+def test_wav_parses(gateway, key):
+    key_id, secret = key
+    before = gateway.balance(key_id)
+    doc, data = audio(post(gateway, secret, {"prompt": "jazz trio", "duration_seconds": 5,
+                                             "response_format": "wav"}))
+    assert doc["data"][0]["mime_type"] == "audio/wav" and data[:4] == b"RIFF"
+    with wave.open(io.BytesIO(data)) as w:
+        assert (w.getnchannels(), w.getframerate(), w.getsampwidth(), w.getnframes()) == (2, 48000, 2, 5 * 48000)
+        assert len(w.readframes(w.getnframes())) == 5 * 48000 * 4
+    assert before - gateway.balance(key_id) == 5 * PRICE_NANO
+
+
+@pytest.mark.parametrize("body, status, code, words", [
+    ({"prompt": "noise [filter]"}, 400, "content_policy_violation", "filtered for safety"),
+    ({"prompt": "rock [close1011]"}, 502, "upstream_error", "1011"),
+    ({"prompt": "ambient [stall]"}, 504, "upstream_timeout", "in time"),
+    ({"prompt": "ambient", "model": "lyria-nosetup"}, 504, "upstream_timeout", "setup"),
+], ids=["filter", "close1011", "stall", "nosetup"])
+def test_upstream_failures_map_and_cost_nothing(gateway, key, body, status, code, words):
+    key_id, secret = key
+    before = gateway.balance(key_id)
+    start = time.monotonic()
+    err = error(post(gateway, secret, {**body, "duration_seconds": 4}), status, code)
+    assert words in err["message"]
+    assert time.monotonic() - start < 8  # idle timeout 3 s in the test config
+    assert gateway.balance(key_id) == before and gateway.open_holds(key_id) == 0
+    (row,) = gateway.usage(key_id)
+    assert (row["status"], row["cost"]) == (status, 0)
+
+
+@pytest.mark.parametrize("body, param", [
+    ({"prompt": "a", "weighted_prompts": [{"text": "b", "weight": 1}]}, "prompt"),
+    ({}, "prompt"),
+    ({"prompt": ""}, "prompt"),
+    ({"weighted_prompts": []}, "weighted_prompts"),
+    ({"weighted_prompts": [{"text": "a", "weight": 0}]}, "weighted_prompts[0].weight"),
+    ({"prompt": [{"text": "a"}, {"text": "b", "weight": 0}]}, "prompt[1].weight"),
+    ({"prompt": "a", "music_generation_config": {"bpm": 300}}, "music_generation_config.bpm"),
+    ({"prompt": "a", "music_generation_config": {"scale": "C"}}, "music_generation_config.scale"),
+    ({"prompt": "a", "duration_seconds": "x"}, "duration_seconds"),
+    ({"prompt": "a", "response_format": "mp3"}, "response_format"),
+    ({"prompt": "a", "model": 7}, "model"),
+    ({"prompt": "a", "model": "gpt-test"}, "model"),
+])
+def test_bad_fields_are_400_naming_the_field(gateway, key, body, param):
+    key_id, secret = key
+    error(post(gateway, secret, body), 400, param=param)
+    assert gateway.balance(key_id) == 10 * 10**9 and gateway.usage(key_id) == []
+
+
+def test_unknown_model_is_404(gateway, key):
+    error(post(gateway, key[1], {"prompt": "a", "model": "lyria-nope"}), 404, "model_not_found")
+
+
+def test_cannot_afford_is_402_before_any_upstream_call(gateway, fake_lyria):
+    key_id, secret = gateway.create_key("0.001")
+    sessions = len(fake_lyria.sessions)
+    err = error(post(gateway, secret, {"prompt": "a", "duration_seconds": 8}), 402, "insufficient_credits")
+    assert "0.008" in err["message"]
+    assert gateway.balance(key_id) == PRICE_NANO and gateway.usage(key_id) == []
+    assert len(fake_lyria.sessions) == sessions
+
+
+def test_missing_upstream_key_is_502_naming_the_variable(make_gateway):
+    def no_key(cfg: dict) -> None:
+        cfg["upstreams"]["lyria"]["api_key_env"] = "TEST_MISSING_KEY"
+    gw = make_gateway(no_key)
+    key_id, secret = gw.create_key("10")
+    err = error(post(gw, secret, {"prompt": "a", "duration_seconds": 4}), 502, "upstream_error")
+    assert "TEST_MISSING_KEY" in err["message"]
+    assert gw.balance(key_id) == 10 * 10**9 and gw.usage(key_id) == []
+
+
+def test_ten_concurrent_clips_take_about_as_long_as_one(gateway, key):
+    key_id, secret = key
+    body = {"prompt": "drum and bass", "duration_seconds": 4}
+    audio(post(gateway, secret, body))  # warm up
+    start = time.monotonic()
+    audio(post(gateway, secret, body))
+    single = time.monotonic() - start
+    before = gateway.balance(key_id)
+    health: list[float] = []
+    with ThreadPoolExecutor(10) as pool:
+        start = time.monotonic()
+        futures = [pool.submit(post, gateway, secret, body) for _ in range(10)]
+        while not all(f.done() for f in futures):
+            t = time.monotonic()
+            assert requests.get(f"{gateway.url}/health", timeout=5).status_code == 200
+            health.append(time.monotonic() - t)
+            time.sleep(0.02)
+        results = [audio(f.result())[1] for f in futures]
+        together = time.monotonic() - start
+    assert all(len(pcm) == 4 * 48000 * 4 for pcm in results)
+    print(f"single {single:.2f}s, ten together {together:.2f}s, slowest /health {max(health) * 1000:.0f} ms")
+    assert together < 3 * single, (together, single)
+    assert health and max(health) < 0.5, health
+    assert before - gateway.balance(key_id) == 10 * 4 * PRICE_NANO
+
+
+def test_upstream_key_never_in_gateway_log(gateway, key):
+    error(post(gateway, key[1], {"prompt": "x [close1011]", "duration_seconds": 4}), 502)
+    log = gateway.log()
+    assert "route=audio.music" in log and GEMINI_KEY not in log
