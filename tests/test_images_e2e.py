@@ -1,0 +1,437 @@
+"""POST /v1/images/generations end to end: the real gunicorn + gevent gateway, the fake Gemini and OpenAI upstreams,
+the official openai SDK and raw HTTP as a user."""
+from __future__ import annotations
+
+import base64
+import os
+import re
+import struct
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from pathlib import Path
+
+import openai
+import pytest
+import requests
+
+from tests.conformance.validate import validate
+from tests.conftest import GEMINI_KEY, ROOT, UPSTREAM_KEY
+from tests.fake_gemini import RAI_REASON
+
+FLASH = 39_000_000    # gemini-2.5-flash-image: per_image 0.039 credits, in nano-credits
+IMAGEN = 40_000_000   # imagen-4.0-generate-001: 0.04
+GPT_IMAGE = 42_000_000  # gpt-image-1: 0.042
+TEN = 10_000_000_000  # the `key` fixture's opening balance
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+def tag() -> str:
+    """A unique word, so a test finds its own calls among those the shared fakes recorded."""
+    return uuid.uuid4().hex[:12]
+
+
+def post(gw, secret: str, body: dict, timeout: float = 30) -> requests.Response:
+    """A raw request; whatever the gateway answers must never carry an upstream key."""
+    resp = requests.post(f"{gw.base_url}/images/generations", json=body, timeout=timeout,
+                         headers={"Authorization": f"Bearer {secret}"})
+    for secret_key in (GEMINI_KEY, UPSTREAM_KEY):
+        assert secret_key not in resp.text and secret_key not in str(resp.headers)
+    return resp
+
+
+def png_size(data: bytes) -> tuple[int, int]:
+    """Width and height of a PNG, after checking its signature and IHDR chunk."""
+    assert data[:8] == PNG_SIGNATURE
+    assert data[12:16] == b"IHDR"
+    return struct.unpack(">II", data[16:24])
+
+
+def images(resp: requests.Response, count: int) -> dict:
+    """A 200 ImagesResponse with `count` images, checked against OpenAI's schema."""
+    assert resp.status_code == 200, resp.text
+    doc = resp.json()
+    assert validate("ImagesResponse", doc) == []
+    assert isinstance(doc["created"], int) and abs(doc["created"] - time.time()) < 60
+    assert len(doc["data"]) == count
+    return doc
+
+
+def error(resp: requests.Response, status: int, code: str, param: str | None = None) -> dict:
+    """The OpenAI-shaped error body, checked against the ErrorResponse schema."""
+    assert resp.status_code == status, resp.text
+    doc = resp.json()
+    assert validate("ErrorResponse", doc) == []
+    err = doc["error"]
+    assert err["code"] == code
+    assert err["param"] == param
+    return err
+
+
+def gemini_calls(fake, word: str) -> list[tuple[str, dict, dict]]:
+    """The fake Gemini's record of calls whose prompt mentions `word`: (path, headers, body)."""
+    def prompt(body: dict) -> str:
+        if "instances" in body:
+            return body["instances"][0]["prompt"]
+        return body["contents"][0]["parts"][0]["text"]
+    return [r for r in fake.requests if isinstance(r[2], dict) and word in prompt(r[2])]
+
+
+def openai_calls(fake, word: str) -> list[dict]:
+    return [r for r in fake.requests if r["path"].endswith("/images/generations") and word in r["body"]["prompt"]]
+
+
+def one_row(gw, key_id: int) -> dict:
+    (row,) = gw.usage(key_id)
+    return dict(row)
+
+
+# Success: Gemini image models, Imagen, OpenAI image models
+
+def test_default_model_with_the_sdk_is_a_png_charged_one_image(gateway, key, fake_gemini):
+    key_id, secret = key
+    word = tag()
+    raw = gateway.client(secret).images.with_raw_response.generate(prompt=f"a red fox {word}")
+    result = raw.parse()
+    assert len(result.data) == 1
+    assert png_size(base64.b64decode(result.data[0].b64_json)) == (4, 4)  # 1:1, 4 px per ratio unit
+    assert result.data[0].revised_prompt == "Here is your image"
+    assert result.data[0].url is None
+    assert validate("ImagesResponse", raw.http_response.json()) == []
+    assert raw.headers["x-credits-charged"] == "0.039"
+    assert raw.headers["x-credits-remaining"] == "9.961"
+    assert gateway.balance(key_id) == TEN - FLASH
+    row = one_row(gateway, key_id)
+    assert (row["route"], row["model"], row["cost"], row["units"], row["status"]) == (
+        "images.generations", "gemini-2.5-flash-image", FLASH, 1, 200)
+    (path, headers, body) = gemini_calls(fake_gemini, word)[0]
+    assert path == "/v1beta/models/gemini-2.5-flash-image:generateContent"
+    assert headers["x-goog-api-key"] == GEMINI_KEY
+    assert body["generationConfig"]["imageConfig"] == {"aspectRatio": "1:1"}
+
+
+def test_named_gemini_model_n2_size_maps_to_3_2(gateway, key, fake_gemini):
+    key_id, secret = key
+    word = tag()
+    result = gateway.client(secret).images.generate(model="gemini-2.5-flash-image", prompt=f"[notext] {word}",
+                                                    n=2, size="1536x1024", response_format="b64_json")
+    assert [png_size(base64.b64decode(d.b64_json)) for d in result.data] == [(12, 8), (12, 8)]
+    assert [d.revised_prompt for d in result.data] == [None, None]  # [notext]: the model wrote nothing
+    calls = gemini_calls(fake_gemini, word)
+    assert len(calls) == 2  # one image per generateContent call
+    assert {c[2]["generationConfig"]["imageConfig"]["aspectRatio"] for c in calls} == {"3:2"}
+    assert gateway.balance(key_id) == TEN - 2 * FLASH
+
+
+def test_raw_http_without_model_answers_exact_json(gateway, key):
+    key_id, secret = key
+    resp = post(gateway, secret, {"prompt": "[notext] a plain square"})
+    doc = images(resp, 1)
+    assert set(doc) == {"created", "data"}
+    assert set(doc["data"][0]) == {"b64_json"}
+    assert png_size(base64.b64decode(doc["data"][0]["b64_json"])) == (4, 4)
+    assert resp.headers["Content-Type"] == "application/json"
+    assert resp.headers["x-credits-charged"] == "0.039"
+    assert resp.headers["x-request-id"].startswith("req_")
+
+
+def test_url_is_a_png_data_url(gateway, key):
+    key_id, secret = key
+    resp = post(gateway, secret, {"model": "gemini-2.5-flash-image", "prompt": "a bird", "response_format": "url",
+                                  "size": "1024x1792"})
+    doc = images(resp, 1)
+    assert set(doc["data"][0]) == {"url", "revised_prompt"}
+    url = doc["data"][0]["url"]
+    assert url.startswith("data:image/png;base64,")
+    assert png_size(base64.b64decode(url.removeprefix("data:image/png;base64,"))) == (36, 64)  # 9:16
+    assert gateway.balance(key_id) == TEN - FLASH
+
+
+def test_url_with_the_sdk(gateway, key):
+    result = gateway.client(key[1]).images.generate(prompt="[notext] x", response_format="url")
+    assert result.data[0].b64_json is None
+    assert result.data[0].url.startswith("data:image/png;base64,iVBORw0KGgo")
+
+
+def test_imagen_n3_is_one_predict_call(gateway, key, fake_gemini):
+    key_id, secret = key
+    word = tag()
+    raw = gateway.client(secret).images.with_raw_response.generate(
+        model="imagen-4.0-generate-001", prompt=f"a lighthouse {word}", n=3, size="1792x1024")
+    result = raw.parse()
+    assert [png_size(base64.b64decode(d.b64_json)) for d in result.data] == [(64, 36)] * 3  # 16:9
+    assert [d.revised_prompt for d in result.data] == [None] * 3
+    ((path, headers, body),) = gemini_calls(fake_gemini, word)
+    assert path == "/v1beta/models/imagen-4.0-generate-001:predict"
+    assert headers["x-goog-api-key"] == GEMINI_KEY
+    assert body["parameters"]["sampleCount"] == 3
+    assert body["parameters"]["aspectRatio"] == "16:9"
+    assert raw.headers["x-credits-charged"] == "0.12"
+    assert gateway.balance(key_id) == TEN - 3 * IMAGEN
+    assert one_row(gateway, key_id)["units"] == 3
+
+
+def test_imagen_n6_is_two_predict_calls(gateway, key, fake_gemini):
+    key_id, secret = key
+    word = tag()
+    doc = images(post(gateway, secret, {"model": "imagen-4.0-generate-001", "prompt": word, "n": 6}), 6)
+    assert sorted(c[2]["parameters"]["sampleCount"] for c in gemini_calls(fake_gemini, word)) == [2, 4]
+    assert len(doc["data"]) == 6
+    assert gateway.balance(key_id) == TEN - 6 * IMAGEN
+
+
+def test_openai_image_model_is_relayed(gateway, key, fake_openai):
+    key_id, secret = key
+    word = tag()
+    raw = gateway.client(secret).images.with_raw_response.generate(
+        model="gpt-image-1", prompt=f"a teapot {word}", n=2, size="1024x1536", quality="high",
+        extra_body={"background": "opaque"})
+    result = raw.parse()
+    assert len(result.data) == 2
+    assert all(png_size(base64.b64decode(d.b64_json)) == (1, 1) for d in result.data)
+    ((call),) = openai_calls(fake_openai, word)
+    assert call["body"] == {"model": "gpt-image-1", "prompt": f"a teapot {word}", "n": 2, "size": "1024x1536",
+                            "quality": "high", "background": "opaque"}
+    assert call["headers"]["authorization"] == f"Bearer {UPSTREAM_KEY}"
+    assert validate("ImagesResponse", raw.http_response.json()) == []
+    assert raw.headers["x-credits-charged"] == "0.084"
+    assert gateway.balance(key_id) == TEN - 2 * GPT_IMAGE
+    row = one_row(gateway, key_id)
+    assert (row["model"], row["cost"], row["units"]) == ("gpt-image-1", 2 * GPT_IMAGE, 2)
+
+
+def test_openai_model_without_n_or_size_holds_and_charges_one(gateway, key, fake_openai):
+    key_id, secret = key
+    word = tag()
+    images(post(gateway, secret, {"model": "gpt-image-1", "prompt": word, "response_format": "b64_json"}), 1)
+    ((call),) = openai_calls(fake_openai, word)
+    assert call["body"] == {"model": "gpt-image-1", "prompt": word, "response_format": "b64_json"}
+    assert gateway.balance(key_id) == TEN - GPT_IMAGE
+
+
+def test_hold_is_n_times_the_price_while_the_call_runs(gateway, key):
+    key_id, secret = key
+    answers: list[requests.Response] = []
+    thread = threading.Thread(target=lambda: answers.append(
+        post(gateway, secret, {"prompt": "[slow] [notext]", "n": 3})))
+    thread.start()
+    deadline = time.monotonic() + 5
+    while gateway.open_holds(key_id) == 0 and time.monotonic() < deadline:
+        time.sleep(0.02)
+    held = gateway.balance(key_id)
+    thread.join()
+    assert held == TEN - 3 * FLASH
+    error(answers[0], 504, "upstream_timeout")  # the fake sleeps 3 s; the upstream's timeout is 2 s
+    assert gateway.balance(key_id) == TEN
+    assert gateway.open_holds(key_id) == 0
+
+
+# Bad requests: 400 naming the field, before any credit moves or any upstream call
+
+@pytest.mark.parametrize("body, param, code", [
+    ({"prompt": "x", "size": "big"}, "size", "invalid_size"),
+    ({"prompt": "x", "size": "1024X1024"}, "size", "invalid_size"),
+    ({"prompt": "x", "size": "0x1024"}, "size", "invalid_size"),
+    ({"prompt": "x", "size": 1024}, "size", "invalid_size"),
+    ({"prompt": "x", "model": "imagen-4.0-generate-001", "size": "1024x"}, "size", "invalid_size"),
+    ({"prompt": "x", "model": "gpt-image-1", "size": "huge"}, "size", "invalid_size"),
+    ({"prompt": "x", "n": 0}, "n", "invalid_value"),
+    ({"prompt": "x", "n": 11}, "n", "invalid_value"),
+    ({"prompt": "x", "n": "2"}, "n", "invalid_value"),
+    ({"prompt": "x", "n": True}, "n", "invalid_value"),
+    ({"prompt": "x", "n": 2.0}, "n", "invalid_value"),
+    ({"prompt": "x", "model": "gpt-image-1", "n": 11}, "n", "invalid_value"),
+    ({"prompt": ""}, "prompt", "invalid_value"),
+    ({"prompt": "   "}, "prompt", "invalid_value"),
+    ({"prompt": ["a", "cat"]}, "prompt", "invalid_value"),
+    ({}, "prompt", "missing_required_parameter"),
+    ({"model": "gemini-2.5-flash-image"}, "prompt", "missing_required_parameter"),
+    ({"prompt": "x", "response_format": "png"}, "response_format", "invalid_value"),
+    ({"prompt": "x", "stream": True}, "stream", "unsupported_value"),
+    ({"prompt": "x", "model": 5}, "model", "invalid_type"),
+    ({"prompt": "x", "model": ""}, "model", "invalid_type"),
+    ({"prompt": "x", "model": "gpt-test"}, "model", "model_not_supported"),
+    ({"prompt": "x", "model": "lyria-realtime-exp"}, "model", "model_not_supported"),
+])
+def test_bad_requests_are_400_and_cost_nothing(gateway, key, fake_gemini, fake_openai, body, param, code):
+    key_id, secret = key
+    seen = len(fake_gemini.requests), len(fake_openai.requests)
+    err = error(post(gateway, secret, body), 400, code, param)
+    assert err["type"] == "invalid_request_error"
+    assert param in err["message"]
+    assert (len(fake_gemini.requests), len(fake_openai.requests)) == seen
+    assert gateway.balance(key_id) == TEN
+    assert gateway.usage(key_id) == []
+
+
+@pytest.mark.parametrize("kwargs", [{"n": 0}, {"n": 11}, {"size": "big"}, {"prompt": ""}])
+def test_bad_requests_raise_bad_request_in_the_sdk(gateway, key, kwargs):
+    with pytest.raises(openai.BadRequestError) as caught:
+        gateway.client(key[1]).images.generate(**{"prompt": "x", **kwargs})
+    assert caught.value.status_code == 400
+    assert caught.value.body["param"] == next(iter(kwargs))
+
+
+def test_unknown_model_is_404(gateway, key):
+    with pytest.raises(openai.NotFoundError) as caught:
+        gateway.client(key[1]).images.generate(model="dall-e-9", prompt="x")
+    assert caught.value.body["code"] == "model_not_found"
+    err = error(post(gateway, key[1], {"model": "dall-e-9", "prompt": "x"}), 404, "model_not_found", "model")
+    assert err["message"] == "The model `dall-e-9` does not exist or you do not have access to it."
+    assert gateway.balance(key[0]) == TEN
+
+
+def test_a_key_that_cannot_afford_n_images_gets_402(gateway, fake_gemini):
+    key_id, secret = gateway.create_key("0.05")
+    word = tag()
+    err = error(post(gateway, secret, {"prompt": word, "n": 2}), 402, "insufficient_credits")
+    assert err["type"] == "insufficient_quota"
+    assert err["message"] == ("This key has 0.05 credits; 2 image(s) from gemini-2.5-flash-image need 0.078. "
+                              "Top up the key or ask for fewer images (n).")
+    assert gemini_calls(fake_gemini, word) == []
+    assert gateway.balance(key_id) == 50_000_000
+    with pytest.raises(openai.APIStatusError) as caught:
+        gateway.client(secret).images.generate(prompt=word, n=2)
+    assert caught.value.status_code == 402
+    images(post(gateway, secret, {"prompt": word}), 1)  # one image is affordable
+    assert gateway.balance(key_id) == 50_000_000 - FLASH
+
+
+# Upstream failures: OpenAI-shaped, and free when no image came back
+
+@pytest.mark.parametrize("prompt, reason", [
+    ("[safety] a scene", "(IMAGE_SAFETY)"),
+    ("[blocked] a scene", "(SAFETY)"),
+])
+def test_gemini_safety_block_is_content_policy_violation(gateway, key, prompt, reason):
+    key_id, secret = key
+    err = error(post(gateway, secret, {"prompt": prompt, "n": 2}), 400, "content_policy_violation", "prompt")
+    assert err["message"] == f"The image request was blocked by the upstream's safety filter {reason}."
+    assert gateway.balance(key_id) == TEN
+    row = one_row(gateway, key_id)
+    assert (row["cost"], row["status"], row["units"]) == (0, 400, 0)
+
+
+def test_imagen_safety_block_carries_googles_reason(gateway, key):
+    with pytest.raises(openai.BadRequestError) as caught:
+        gateway.client(key[1]).images.generate(model="imagen-4.0-generate-001", prompt="[safety] x", n=2)
+    assert caught.value.code == "content_policy_violation"
+    assert caught.value.body["message"] == ("The image request was blocked by the upstream's safety filter ("
+                                            + RAI_REASON.rstrip(".") + ").")
+    assert gateway.balance(key[0]) == TEN
+
+
+def test_google_429_is_429_with_retry_after_from_retry_info(gateway, key):
+    key_id, secret = key
+    resp = post(gateway, secret, {"prompt": "[429] x"})
+    err = error(resp, 429, "rate_limit_exceeded")
+    assert resp.headers["Retry-After"] == "7"
+    assert "You exceeded your current quota" in err["message"]
+    with pytest.raises(openai.RateLimitError):
+        gateway.client(secret).images.generate(prompt="[429] x")
+    assert gateway.balance(key_id) == TEN
+
+
+@pytest.mark.parametrize("prompt, status, code, text", [
+    ("[503] x", 502, "upstream_error", "failed with HTTP 503: The model is overloaded. Please try again later."),
+    ("[garbage] x", 502, "upstream_error", "a body that is not JSON"),
+    ("[noimage] x", 502, "upstream_error", "The upstream returned no image (finishReason NO_IMAGE)"),
+])
+def test_upstream_failures_are_5xx_and_free(gateway, key, prompt, status, code, text):
+    key_id, secret = key
+    err = error(post(gateway, secret, {"prompt": prompt, "n": 2}), status, code)
+    assert err["type"] == "api_error"
+    assert text in err["message"]
+    assert gateway.balance(key_id) == TEN
+    assert one_row(gateway, key_id)["status"] == status
+
+
+def test_partial_success_is_charged_only_for_images_returned(gateway, key, fake_gemini):
+    key_id, secret = key
+    word = tag()
+    resp = post(gateway, secret, {"prompt": f"[flaky] [notext] {word}", "n": 4})
+    doc = images(resp, 2)  # the fake fails every second [flaky] call
+    assert len(gemini_calls(fake_gemini, word)) == 4
+    assert all(png_size(base64.b64decode(d["b64_json"])) == (4, 4) for d in doc["data"])
+    assert resp.headers["x-credits-charged"] == "0.078"
+    assert gateway.balance(key_id) == TEN - 2 * FLASH
+    row = one_row(gateway, key_id)
+    assert (row["cost"], row["units"], row["status"]) == (2 * FLASH, 2, 200)
+    assert f"request_id={resp.headers['x-request-id']} model=gemini-2.5-flash-image got 2 of 4 images; " \
+           "the failed calls answered 502,502" in gateway.log()
+
+
+# The upstream key: missing, refused, and never shown
+
+def test_missing_and_refused_upstream_keys_are_502_and_never_leak(make_gateway, fake_gemini):
+    wrong = "AIzaSy-wrong-key-0123456789"
+
+    def change(cfg: dict) -> None:
+        cfg["upstreams"]["gemini-nokey"] = {**cfg["upstreams"]["gemini"], "api_key_env": "TEST_MISSING_KEY"}
+        cfg["upstreams"]["gemini-wrongkey"] = {**cfg["upstreams"]["gemini"], "api_key_env": "TEST_WRONG_KEY"}
+        cfg["models"]["img-nokey"] = {**cfg["models"]["gemini-2.5-flash-image"], "upstream": "gemini-nokey",
+                                      "upstream_model": "gemini-2.5-flash-image"}
+        cfg["models"]["img-wrongkey"] = {**cfg["models"]["gemini-2.5-flash-image"], "upstream": "gemini-wrongkey",
+                                         "upstream_model": "gemini-2.5-flash-image"}
+    gw = make_gateway(change, env={"TEST_WRONG_KEY": wrong})
+    key_id, secret = gw.create_key("10")
+    word = tag()
+    err = error(post(gw, secret, {"model": "img-nokey", "prompt": word}), 502, "upstream_error")
+    assert "TEST_MISSING_KEY" in err["message"]
+    assert gemini_calls(fake_gemini, word) == []
+    assert gw.usage(key_id) == []  # refused before the hold
+    resp = post(gw, secret, {"model": "img-wrongkey", "prompt": word, "n": 2})
+    err = error(resp, 502, "upstream_error")
+    assert err["message"] == ("The upstream 'gemini-wrongkey' refused the gateway's own API key (HTTP 400 "
+                              "API_KEY_INVALID); the operator must check TEST_WRONG_KEY.")
+    assert wrong not in resp.text
+    assert len(gemini_calls(fake_gemini, word)) == 2
+    assert gw.balance(key_id) == TEN
+    assert wrong not in gw.log() and GEMINI_KEY not in gw.log()
+
+
+def test_upstream_keys_never_reach_the_log(gateway, key):
+    secret = key[1]
+    for body in ({"prompt": "x"}, {"prompt": "[safety] x"}, {"prompt": "[429] x"}, {"prompt": "[flaky] x", "n": 2},
+                 {"model": "gpt-image-1", "prompt": "x"}, {"model": "imagen-4.0-generate-001", "prompt": "x"}):
+        post(gateway, secret, body)
+    log = gateway.log()
+    assert "route=images.generations" in log
+    assert GEMINI_KEY not in log and UPSTREAM_KEY not in log
+
+
+# The README's examples, run as a user would
+
+def _readme_section() -> str:
+    for path in (ROOT / "README.md", Path("/tmp/readme-images.md")):
+        if path.exists() and "## Images" in path.read_text():
+            text = path.read_text()
+            start = text.index("## Images")
+            end = text.find("\n## ", start + 1)
+            return text[start:end if end > 0 else None]
+    pytest.skip("no README section on images")
+
+
+def _block(section: str, lang: str) -> str:
+    (code,) = re.findall(rf"```{lang}\n(.*?)```", section, re.S)
+    return code
+
+
+def test_readme_curl_and_sdk_examples_save_a_png(gateway, key, tmp_path):
+    key_id, secret = key
+    section = _readme_section()
+    env = {**os.environ, "GATEWAY_KEY": secret}
+    curl = _block(section, "bash").replace("http://127.0.0.1:8080/v1", gateway.base_url)
+    subprocess.run(["bash", "-euo", "pipefail", "-c", curl], cwd=tmp_path, env=env, check=True, timeout=60)
+    (saved,) = tmp_path.glob("*.png")
+    assert png_size(saved.read_bytes()) == (12, 8)  # size 1536x1024 -> 3:2
+    saved.unlink()
+    python = _block(section, "python").replace("http://127.0.0.1:8080/v1", gateway.base_url)
+    out = subprocess.run([sys.executable, "-c", python], cwd=tmp_path, env=env, check=True, timeout=60,
+                         capture_output=True, text=True)
+    (saved,) = tmp_path.glob("*.png")
+    assert png_size(saved.read_bytes()) == (12, 8)
+    assert out.stdout == "Here is your image\n"
+    assert gateway.balance(key_id) == TEN - 2 * FLASH
