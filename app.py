@@ -24,6 +24,7 @@ import images
 import keys
 import music
 import tokens
+import vision
 from errors import AuthError, GatewayError, InvalidRequest, ModelNotFound, NotFound, PayloadTooLarge, RateLimited
 from metering import Ticket
 
@@ -68,6 +69,7 @@ def create_app(cfg: config_mod.Config | None = None) -> Flask:
         if upstream.api_key_env and not upstream.api_key():
             log.warning("model %s: upstream %s has no key; set %s (calls answer 502 until then)",
                         model.id, upstream.name, upstream.api_key_env)
+    vision.warn_if_loopback(cfg)
     started = int(os.path.getmtime(cfg.path)) if cfg.path and os.path.exists(cfg.path) else int(time.time())
 
     @app.before_request

@@ -9,16 +9,14 @@ import json
 from collections.abc import Iterator
 from typing import Any
 
-import requests
-
 from config import UpstreamConfig
 from errors import GatewayError, UpstreamError, UpstreamTimeout
-from providers.http import post, require_key, retry_after_seconds, status_error
+from providers.http import Reply, post, require_key, retry_after_seconds, status_error, transport_error
 
 READ_SIZE = 65536
 
 
-def parse_error(upstream: UpstreamConfig, resp: requests.Response) -> GatewayError:
+def parse_error(upstream: UpstreamConfig, resp: Reply) -> GatewayError:
     """The upstream's error response as the gateway's error, keeping its message, code and param."""
     message, code, param = f"HTTP {resp.status_code}", None, None
     try:
@@ -55,8 +53,6 @@ def call(upstream: UpstreamConfig, path: str, body: dict) -> dict:
             raise parse_error(upstream, resp)
         try:
             doc = json.loads(resp.content)
-        except requests.RequestException:
-            raise UpstreamTimeout(f"The upstream '{upstream.name}' stopped sending its answer.") from None
         except ValueError:
             raise UpstreamError(f"The upstream '{upstream.name}' sent an answer that is not JSON.") from None
         if not isinstance(doc, dict):
@@ -66,7 +62,7 @@ def call(upstream: UpstreamConfig, path: str, body: dict) -> dict:
         resp.close()
 
 
-def open_stream(upstream: UpstreamConfig, path: str, body: dict) -> requests.Response:
+def open_stream(upstream: UpstreamConfig, path: str, body: dict) -> Reply:
     """Start a streamed call; returns the open response once the upstream has answered 200."""
     headers = {**_headers(upstream), "Accept": "text/event-stream", "Accept-Encoding": "identity"}
     resp = post(upstream, _url(upstream, path), body, headers, stream=True)
@@ -78,7 +74,7 @@ def open_stream(upstream: UpstreamConfig, path: str, body: dict) -> requests.Res
     return resp
 
 
-def iter_events(upstream: UpstreamConfig, resp: requests.Response) -> Iterator[bytes]:
+def iter_events(upstream: UpstreamConfig, resp: Reply) -> Iterator[bytes]:
     """The `data:` payloads of an SSE stream as they arrive, ending at `[DONE]` (not yielded).
 
     Reads with read1 so events arrive as sent even from upstreams that do not use chunked encoding
@@ -88,11 +84,10 @@ def iter_events(upstream: UpstreamConfig, resp: requests.Response) -> Iterator[b
     buf = b""
     while True:
         try:
-            chunk = raw.read1(READ_SIZE) if hasattr(raw, "read1") else raw.read(READ_SIZE)
-        except requests.RequestException:
-            raise UpstreamTimeout(f"The upstream '{upstream.name}' stopped sending.") from None
+            chunk = raw.read1(READ_SIZE)
         except Exception as exc:  # urllib3's ProtocolError, ReadTimeoutError, socket errors
-            if "timed out" in str(exc).lower():
+            err = transport_error(upstream, exc)
+            if isinstance(err, UpstreamTimeout):
                 raise UpstreamTimeout(f"The upstream '{upstream.name}' stopped sending.") from None
             raise UpstreamError(f"The upstream '{upstream.name}' broke off the stream.") from None
         if not chunk:

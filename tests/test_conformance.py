@@ -24,7 +24,8 @@ def test_models(gateway, key):
 
 
 def test_chat_plain_and_stream(gateway, key):
-    r = _post(gateway, key[1], "chat/completions", {"model": "gpt-test", "messages": [{"role": "user", "content": "x"}]})
+    r = _post(gateway, key[1], "chat/completions",
+              {"model": "gpt-test", "messages": [{"role": "user", "content": "x"}]})
     assert validate("CreateChatCompletionResponse", r.json()) == []
     r = _post(gateway, key[1], "chat/completions", {"model": "gpt-test", "stream": True,
                                                     "stream_options": {"include_usage": True},

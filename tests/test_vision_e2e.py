@@ -1,0 +1,341 @@
+"""Vision end to end: gunicorn + gevent gateway, the fake OpenAI upstream, and a local image server.
+
+Text-only models get descriptions written by the bridge model (charged and cached), vision models get the images,
+upstreams that cannot fetch URLs get data URLs, and every refused image is a free 400 that reaches no upstream.
+"""
+from __future__ import annotations
+
+import base64
+import itertools
+import json
+import time
+from collections.abc import Iterator
+from decimal import ROUND_CEILING, Decimal
+
+import pytest
+import requests
+
+from tests.conformance.validate import validate
+from tests.conftest import Raw
+from tests.image_server import BIG_BYTES, CAT_JPG, CAT_PNG, ImageServer, make_png
+
+NANO = 10**9
+REPLY = "Hello from the fake upstream!"
+DESCRIBED = f"[Description of an image: {REPLY}]"
+_sizes = itertools.count(3)
+
+
+def cost(p: int, c: int, inp: str, out: str) -> int:
+    """Expected nano-credits, computed independently of billing.py (prices per million tokens)."""
+    exact = (Decimal(p) * Decimal(inp) + Decimal(c) * Decimal(out)) / Decimal(10**6) * NANO
+    return int(exact.to_integral_value(rounding=ROUND_CEILING))
+
+
+BRIDGE_COST = cost(11, 7, "0.40", "1.60")  # gpt-test, the bridge model; the fake reports 11 + 7 tokens
+TEXT_COST = cost(11, 7, "0.50", "1.50")  # gpt-text, the main call
+
+
+def data_url(data: bytes, mime: str = "image/png") -> str:
+    return f"data:{mime};base64,{base64.b64encode(data).decode()}"
+
+
+def fresh_png() -> bytes:
+    """A PNG no earlier test sent, so the session-wide description cache has not seen it."""
+    n = next(_sizes)
+    return make_png(n, n)
+
+
+def image_body(model: str, *urls: object, text: str = "What is in this picture?", **extra: object) -> dict:
+    parts: list[dict] = [{"type": "text", "text": text}]
+    for url in urls:
+        parts.append({"type": "image_url", "image_url": url if isinstance(url, (str, dict)) else str(url)})
+    return {"model": model, "messages": [{"role": "system", "content": "You are terse."},
+                                         {"role": "user", "content": parts}], **extra}
+
+
+def img(url: str, detail: str | None = None) -> dict:
+    return {"url": url, **({"detail": detail} if detail else {})}
+
+
+def post(gw, secret: str, body: dict) -> requests.Response:
+    return requests.post(f"{gw.base_url}/chat/completions", headers={"Authorization": f"Bearer {secret}"},
+                         json=body, timeout=30)
+
+
+def wait_usage(gw, key_id: int, rows: int) -> list:
+    """Usage rows once settlement wrote them (a stream settles just after its last event)."""
+    deadline = time.monotonic() + 5
+    while len(found := gw.usage(key_id)) < rows and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return found
+
+
+def has_image_part(body: dict) -> bool:
+    return "image_url" in json.dumps(body["messages"])
+
+
+@pytest.fixture(scope="module")
+def images() -> Iterator[ImageServer]:
+    with ImageServer() as srv:
+        yield srv
+
+
+def assert_refused_for_free(gw, fake_openai, body: dict, reason: str, code: str = "invalid_image_url",
+                            param: str = "messages[1].content[1]") -> dict:
+    key_id, secret = gw.create_key("1")
+    sent = len(fake_openai.requests)
+    r = post(gw, secret, body)
+    assert r.status_code == 400, r.text
+    err = r.json()
+    assert validate("ErrorResponse", err) == []
+    assert err["error"]["code"] == code and err["error"]["param"] == param, err
+    assert reason in err["error"]["message"], err
+    assert gw.balance(key_id) == NANO and gw.usage(key_id) == []
+    assert len(fake_openai.requests) == sent  # no upstream saw it, not even the bridge
+    return err
+
+
+# --- what each kind of model receives --------------------------------------------------------------------------
+
+def test_text_only_model_gets_a_description(gateway, fake_openai, images):
+    key_id, secret = gateway.create_key("1")
+    sent = len(fake_openai.requests)
+    r = post(gateway, secret, image_body("gpt-text", img(images.url("/cat.jpg"), "high")))
+    assert r.status_code == 200, r.text
+    assert r.json()["choices"][0]["message"]["content"] == REPLY
+    assert r.headers["x-vision-images"] == "bridged=1; cached=0; inlined=0; passed=0"
+    bridge, main = [q["body"] for q in fake_openai.requests[sent:]]
+    # The bridge call: the vision model, the image as a data URL, a bounded answer.
+    assert bridge["model"] == "gpt-4.1-mini" and bridge["max_tokens"] == 300
+    image = bridge["messages"][0]["content"][1]["image_url"]["url"]
+    assert image.startswith("data:image/jpeg;base64,") and base64.b64decode(image.split(",", 1)[1]) == CAT_JPG
+    # The main call: the text-only model sees the description, never an image part; the rest is untouched.
+    assert main["model"] == "gpt-text" and not has_image_part(main)
+    assert main["messages"][0] == {"role": "system", "content": "You are terse."}
+    assert main["messages"][1]["content"] == [{"type": "text", "text": "What is in this picture?"},
+                                              {"type": "text", "text": DESCRIBED}]
+    # Two usage rows, linked, and the credits match them exactly.
+    rows = gateway.usage(key_id)
+    assert [(row["model"], row["cost"]) for row in rows] == [("gpt-test", BRIDGE_COST), ("gpt-text", TEXT_COST)]
+    assert rows[1]["request_id"] == r.headers["x-request-id"] and rows[1]["parent_request_id"] is None
+    assert rows[0]["parent_request_id"] == rows[1]["request_id"] != rows[0]["request_id"]
+    assert NANO - gateway.balance(key_id) == BRIDGE_COST + TEXT_COST == sum(row["cost"] for row in rows)
+    assert Decimal(r.headers["x-credits-charged"]) * NANO == BRIDGE_COST + TEXT_COST
+    assert gateway.open_holds(key_id) == 0
+
+
+def test_vision_model_receives_images_as_sent(gateway, fake_openai, images, key):
+    png = data_url(fresh_png())
+    body = image_body("gpt-test", img(images.url("/not-fetched.png"), "low"), img(png), "http://10.0.0.1/a.png")
+    sent = len(fake_openai.requests)
+    r = post(gateway, key[1], body)
+    assert r.status_code == 200, r.text
+    assert r.headers["x-vision-images"] == "bridged=0; cached=0; inlined=0; passed=3"
+    [main] = [q["body"] for q in fake_openai.requests[sent:]]
+    assert main["messages"] == body["messages"]  # the upstream fetches URLs itself
+    assert images.counts["/not-fetched.png"] == 0
+
+
+def test_upstream_that_cannot_fetch_gets_data_urls(gateway, fake_openai, images, key):
+    png = data_url(fresh_png())
+    body = image_body("gemini-test", img(images.url("/cat.png"), "low"), images.url("/redirect-ok"), img(png))
+    sent = len(fake_openai.requests)
+    r = post(gateway, key[1], body)
+    assert r.status_code == 200, r.text
+    assert r.headers["x-vision-images"] == "bridged=0; cached=0; inlined=2; passed=1"
+    [main] = [q["body"] for q in fake_openai.requests[sent:]]
+    parts = main["messages"][1]["content"]
+    assert parts[1] == {"type": "image_url", "image_url": {"url": data_url(CAT_PNG), "detail": "low"}}
+    assert parts[2] == {"type": "image_url", "image_url": {"url": data_url(CAT_PNG)}}  # bare string, followed
+    assert parts[3] == body["messages"][1]["content"][3]
+
+
+def test_second_identical_request_hits_the_cache(gateway, fake_openai):
+    key_id, secret = gateway.create_key("1")
+    body = image_body("gpt-text", img(data_url(fresh_png())))
+    first = post(gateway, secret, body)
+    assert first.headers["x-vision-images"] == "bridged=1; cached=0; inlined=0; passed=0"
+    balance = gateway.balance(key_id)
+    sent = len(fake_openai.requests)
+    second = post(gateway, secret, body)
+    assert second.status_code == 200, second.text
+    assert second.headers["x-vision-images"] == "bridged=0; cached=1; inlined=0; passed=0"
+    [main] = [q["body"] for q in fake_openai.requests[sent:]]  # no bridge call
+    assert main["messages"][1]["content"][1] == {"type": "text", "text": DESCRIBED}
+    assert balance - gateway.balance(key_id) == TEXT_COST  # only the main call
+    rows = gateway.usage(key_id)
+    assert [row["model"] for row in rows] == ["gpt-test", "gpt-text", "gpt-text"]
+    assert rows[2]["cost"] == TEXT_COST and rows[2]["request_id"] == second.headers["x-request-id"]
+
+
+def test_same_image_twice_in_one_request_is_described_once(gateway, fake_openai):
+    key_id, secret = gateway.create_key("1")
+    a, b = data_url(fresh_png()), data_url(fresh_png())
+    sent = len(fake_openai.requests)
+    r = post(gateway, secret, image_body("gpt-text", img(a), img(b), img(a, "high")))
+    assert r.headers["x-vision-images"] == "bridged=2; cached=1; inlined=0; passed=0"
+    bodies = [q["body"] for q in fake_openai.requests[sent:]]
+    assert len(bodies) == 3 and not has_image_part(bodies[-1])  # two bridge calls, then the main call
+    assert [p["text"] for p in bodies[-1]["messages"][1]["content"][1:]] == [DESCRIBED] * 3
+    assert sorted(row["cost"] for row in gateway.usage(key_id)) == [BRIDGE_COST, BRIDGE_COST, TEXT_COST]
+
+
+def test_streaming_with_a_bridged_image(gateway, fake_openai):
+    key_id, secret = gateway.create_key("1")
+    sent = len(fake_openai.requests)
+    resp = gateway.client(secret).chat.completions.with_raw_response.create(
+        stream=True, stream_options={"include_usage": True},
+        **image_body("gpt-text", img(data_url(fresh_png())), text="Tell me [usage=20,4]"))
+    assert resp.headers["x-vision-images"] == "bridged=1; cached=0; inlined=0; passed=0"
+    chunks = list(resp.parse())
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == "tok0 tok1 tok2 tok3 "
+    bridge, main = [q["body"] for q in fake_openai.requests[sent:]]
+    assert main["stream"] is True and not has_image_part(main) and "image_url" in json.dumps(bridge)
+    rows = wait_usage(gateway, key_id, 2)
+    assert [(row["model"], row["cost"]) for row in rows] == [("gpt-test", BRIDGE_COST),
+                                                            ("gpt-text", cost(20, 4, "0.50", "1.50"))]
+    assert rows[0]["parent_request_id"] == rows[1]["request_id"]
+    assert NANO - gateway.balance(key_id) == sum(row["cost"] for row in rows)
+
+
+def test_bridge_cost_is_part_of_the_hold(gateway, fake_openai, key):
+    cached = image_body("gpt-text", img(data_url(fresh_png())))
+    assert post(gateway, key[1], cached).status_code == 200  # its description is now cached
+    # 0.001 credits cover the main call's hold (~0.00057) but not that plus a bridge call's (~0.00095).
+    key_id, secret = gateway.create_key("0.001")
+    sent = len(fake_openai.requests)
+    r = post(gateway, secret, cached)
+    assert r.status_code == 200 and r.headers["x-vision-images"] == "bridged=0; cached=1; inlined=0; passed=0"
+    r = post(gateway, secret, image_body("gpt-text", img(data_url(fresh_png()))))
+    assert r.status_code == 402 and r.json()["error"]["code"] == "insufficient_credits"
+    assert len(fake_openai.requests) == sent + 1  # neither the bridge nor the main call was made
+    assert NANO // 1000 - gateway.balance(key_id) == TEXT_COST
+
+
+# --- refusals: 400, free, and no upstream call ------------------------------------------------------------------
+
+@pytest.mark.parametrize("model", ["gpt-text", "gemini-test"])
+@pytest.mark.parametrize("url,reason", [
+    ("http://10.0.0.1/x.png", "private address"),
+    ("http://172.16.0.1/x.png", "private address"),
+    ("http://192.168.1.1/x.png", "private address"),
+    ("http://100.64.0.1/x.png", "carrier-grade NAT"),
+    ("http://169.254.169.254/latest/meta-data/", "link-local"),
+    ("http://0.0.0.0:80/x.png", "unspecified"),
+    ("http://[fd00::1]/x.png", "private address"),
+    ("http://[::ffff:169.254.169.254]/x.png", "link-local"),
+    ("file:///etc/passwd", "scheme 'file'"),
+    ("ftp://example.com/x.png", "scheme 'ftp'"),
+    ("/redirect-private", "private address (10.0.0.1)"),
+    ("/text", "not an image"),
+    ("/fake-png", "not an image"),
+    ("/missing.png", "HTTP 404"),
+])
+def test_refused_urls_with_loopback_allowed(gateway, fake_openai, images, model, url, reason):
+    url = images.url(url) if url.startswith("/") else url
+    err = assert_refused_for_free(gateway, fake_openai, image_body(model, img(url)), reason)
+    assert err["error"]["message"].startswith("messages[1].content[1]: ")
+
+
+def test_vision_model_that_fetches_itself_still_refuses_other_schemes(gateway, fake_openai):
+    assert_refused_for_free(gateway, fake_openai, image_body("gpt-test", img("file:///etc/passwd")), "scheme 'file'")
+
+
+@pytest.mark.parametrize("model", ["gpt-text", "gemini-test", "gpt-test"])
+@pytest.mark.parametrize("url,reason", [
+    ("data:image/png;base64,!!not base64!!", "not valid base64"),
+    ("data:text/plain;base64,aGVsbG8=", "not supported"),
+    ("data:image/png;base64," + base64.b64encode(b"<html>hello</html>").decode(), "does not hold an image"),
+    ("data:image/png,rawbytes", "not supported"),
+    ({"detail": "high"}, "must be a non-empty string"),
+])
+def test_malformed_data_urls(gateway, fake_openai, model, url, reason):
+    assert_refused_for_free(gateway, fake_openai, image_body(model, url if isinstance(url, dict) else img(url)),
+                            reason)
+
+
+@pytest.mark.parametrize("model", ["gpt-text", "gpt-test"])
+def test_too_many_images(gateway, fake_openai, model):
+    url = data_url(CAT_PNG)
+    body = image_body(model, *[img(url)] * 11)
+    assert_refused_for_free(gateway, fake_openai, body, "11 images", code="too_many_images", param="messages")
+
+
+def test_loopback_refused_when_the_switch_is_off(make_gateway, fake_openai, images):
+    gw = make_gateway(lambda cfg: cfg["vision"].update(allow_loopback_image_hosts=False))
+    before = sum(images.counts.values())
+    for model in ("gpt-text", "gemini-test"):
+        for host, reason in [("127.0.0.1", "loopback"), ("localhost", "loopback"), ("[::1]", "loopback"),
+                             ("[::ffff:127.0.0.1]", "loopback")]:
+            assert_refused_for_free(gw, fake_openai, image_body(model, img(images.url("/cat.png", host))), reason)
+        assert_refused_for_free(gw, fake_openai, image_body(model, img("http://192.168.1.1/x.png")), "private")
+    assert sum(images.counts.values()) == before  # not one connection reached the image server
+    # Data URLs need no fetch and still work.
+    key_id, secret = gw.create_key("1")
+    assert post(gw, secret, image_body("gpt-text", img(data_url(CAT_PNG)))).status_code == 200
+
+
+def test_size_cap_and_timeout(make_gateway, fake_openai, images):
+    def small(cfg: dict) -> None:
+        cfg["vision"].update(max_image_bytes=4096, fetch_timeout_seconds=1)
+    gw = make_gateway(small)
+    err = assert_refused_for_free(gw, fake_openai, image_body("gpt-text", img(images.url("/big.png"))),
+                                  "larger than 4096 bytes")
+    assert images.finished["/big.png"].wait(5) and images.sent["/big.png"] < BIG_BYTES // 10  # stopped early
+    assert "messages[1].content[1]" in err["error"]["message"]
+    assert_refused_for_free(gw, fake_openai, image_body("gemini-test", img(images.url("/big-declared.png"))),
+                            "larger than 4096 bytes")
+    for path in ("/hang", "/trickle.png"):
+        started = time.monotonic()
+        assert_refused_for_free(gw, fake_openai, image_body("gpt-text", img(images.url(path))), "within 1 s")
+        assert time.monotonic() - started < 4
+    assert_refused_for_free(gw, fake_openai, image_body("gpt-text", img(data_url(make_png(64, 64) + b"\0" * 5000))),
+                            "larger than 4096 bytes")
+    key_id, secret = gw.create_key("1")
+    assert post(gw, secret, image_body("gemini-test", img(images.url("/cat.png")))).status_code == 200
+
+
+def test_cache_is_bounded(make_gateway, fake_openai):
+    gw = make_gateway(lambda cfg: cfg["vision"].update(cache_max_entries=1))
+    key_id, secret = gw.create_key("1")
+    a, b = image_body("gpt-text", img(data_url(fresh_png()))), image_body("gpt-text", img(data_url(fresh_png())))
+    seen = [post(gw, secret, body).headers["x-vision-images"].split(";")[:2] for body in (a, a, b, a)]
+    assert seen == [["bridged=1", " cached=0"], ["bridged=0", " cached=1"], ["bridged=1", " cached=0"],
+                    ["bridged=1", " cached=0"]]  # b pushed a out of a one-entry cache
+    conn = gw.db()
+    try:
+        assert conn.execute("SELECT COUNT(*) FROM vision_cache").fetchone()[0] == 1
+    finally:
+        conn.close()
+
+
+# --- the bridge -------------------------------------------------------------------------------------------------
+
+def test_failing_bridge_is_502_and_charges_nothing(make_gateway, fake_openai):
+    def dead_bridge(cfg: dict) -> None:
+        cfg["models"]["gpt-vision-dead"] = {"upstream": "dead", "input_price": Raw("1"), "output_price": Raw("1"),
+                                            "vision": True}
+        cfg["vision"]["bridge_model"] = "gpt-vision-dead"
+    gw = make_gateway(dead_bridge)
+    key_id, secret = gw.create_key("1")
+    sent = len(fake_openai.requests)
+    for stream in (False, True):
+        r = post(gw, secret, image_body("gpt-text", img(data_url(CAT_PNG)), stream=stream))
+        assert r.status_code == 502, r.text
+        err = r.json()
+        assert validate("ErrorResponse", err) == [] and err["error"]["code"] == "upstream_error"
+        assert err["error"]["message"].startswith("vision bridge: the model 'gpt-vision-dead' could not describe")
+        assert "messages[1].content[1]" in err["error"]["message"]
+    assert len(fake_openai.requests) == sent  # the main call was never made
+    assert gw.balance(key_id) == NANO
+    assert [(row["cost"], row["status"]) for row in gw.usage(key_id)] == [(0, 502), (0, 502)]
+    assert gw.open_holds(key_id) == 0
+
+
+def test_text_only_model_without_a_bridge_is_400(make_gateway, fake_openai):
+    gw = make_gateway(lambda cfg: cfg["vision"].pop("bridge_model"))
+    err = assert_refused_for_free(gw, fake_openai, image_body("gpt-text", img(data_url(CAT_PNG))),
+                                  "bridge_model", code="model_not_supported", param="model")
+    assert "[vision]" in err["error"]["message"]
+    key_id, secret = gw.create_key("1")
+    assert post(gw, secret, image_body("gpt-test", img(data_url(CAT_PNG)))).status_code == 200
