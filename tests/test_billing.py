@@ -123,3 +123,31 @@ def test_holds_of_a_killed_process_come_back_on_restart(make_gateway):
         assert "returned 1 hold" in again.log()
     finally:
         again.stop()
+
+
+def test_heartbeat_notices_a_vanished_client_while_the_upstream_is_silent(gateway, fake_openai):
+    """The upstream waits 4 s per chunk; pings every second reveal the closed client long before that."""
+    key_id, secret = gateway.create_key("1")
+    body = json.dumps({"model": "gpt-test", "stream": True,
+                       "messages": [{"role": "user", "content": "think [chunks=3] [delay=4]"}]}).encode()
+    sock = socket.create_connection(("127.0.0.1", gateway.port), timeout=10)
+    sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                 + f"Authorization: Bearer {secret}\r\nContent-Length: {len(body)}\r\n\r\n".encode() + body)
+    received = b""
+    while b": connected" not in received:
+        received += sock.recv(4096)
+    started = time.monotonic()
+    sock.close()
+    assert wait_for(lambda: len(gateway.usage(key_id)) == 1, timeout=3.8), "vanished client not noticed"
+    assert time.monotonic() - started < 3.8  # before the upstream's first chunk would have arrived
+    assert gateway.usage(key_id)[0]["status"] == 499
+    assert gateway.open_holds(key_id) == 0
+
+
+def test_silent_upstream_gets_pings(gateway):
+    _, secret = gateway.create_key("1")
+    r = requests.post(f"{gateway.base_url}/chat/completions", headers={"Authorization": f"Bearer {secret}"},
+                      json={"model": "gpt-test", "stream": True,
+                            "messages": [{"role": "user", "content": "x [chunks=2] [delay=1.6]"}]}, timeout=30)
+    assert ": ping" in r.text
+    assert r.text.rstrip().endswith("data: [DONE]")
