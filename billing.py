@@ -107,11 +107,13 @@ def settle(path: str, h: Hold, charges: list[Charge]) -> int | None:
             return None
         total = sum(c.cost for c in charges)
         if total <= h.amount:
-            conn.execute("UPDATE api_keys SET balance = balance + ? WHERE id = ?", (h.amount - total, h.key_id))
+            (balance,) = conn.execute("UPDATE api_keys SET balance = balance + ? WHERE id = ? RETURNING balance",
+                                      (h.amount - total, h.key_id)).fetchone()
         else:
             (balance,) = conn.execute("SELECT balance FROM api_keys WHERE id = ?", (h.key_id,)).fetchone()
             taken = min(balance, total - h.amount)
-            conn.execute("UPDATE api_keys SET balance = balance - ? WHERE id = ?", (taken, h.key_id))
+            balance -= taken
+            conn.execute("UPDATE api_keys SET balance = ? WHERE id = ?", (balance, h.key_id))
             charges[-1].uncollected = total - h.amount - taken
         for c in charges:
             conn.execute(
@@ -123,7 +125,7 @@ def settle(path: str, h: Hold, charges: list[Charge]) -> int | None:
                  c.latency_ms, now))
             conn.execute("INSERT INTO ledger(key_id, amount, kind, request_id, created_at)"
                          " VALUES (?, ?, 'charge', ?, ?)", (h.key_id, -(c.cost - c.uncollected), c.request_id, now))
-        return conn.execute("SELECT balance FROM api_keys WHERE id = ?", (h.key_id,)).fetchone()[0]
+        return balance
     return db.write(path, work)
 
 

@@ -69,23 +69,16 @@ class ModelConfig:
     vision: bool = False
     max_output_tokens: int = 4096
 
-    @property
-    def input_npm(self) -> int:
-        """Nano-credits per million input tokens (an exact integer)."""
-        return int(self.input_price * NANO)
+    # Prices in integer nano-credits, computed once: per million tokens, per image, per second.
+    input_npm: int = field(init=False, repr=False)
+    output_npm: int = field(init=False, repr=False)
+    image_nano: int = field(init=False, repr=False)
+    second_nano: int = field(init=False, repr=False)
 
-    @property
-    def output_npm(self) -> int:
-        """Nano-credits per million output tokens (an exact integer)."""
-        return int(self.output_price * NANO)
-
-    @property
-    def image_nano(self) -> int:
-        return int(self.per_image * NANO)
-
-    @property
-    def second_nano(self) -> int:
-        return int(self.per_second * NANO)
+    def __post_init__(self) -> None:
+        for name, price in (("input_npm", self.input_price), ("output_npm", self.output_price),
+                            ("image_nano", self.per_image), ("second_nano", self.per_second)):
+            object.__setattr__(self, name, int(price * NANO))  # exact: config allows at most 9 decimals
 
 
 @dataclass(frozen=True)
@@ -154,7 +147,7 @@ def _build(cls: type, where: str, raw: Any, **given: Any) -> Any:
     """One dataclass from one TOML table: unknown keys and wrong types are errors that name the key."""
     if not isinstance(raw, dict):
         raise ConfigError(f"{where} must be a table.")
-    known = {f.name: f for f in fields(cls)}
+    known = {f.name: f for f in fields(cls) if f.init}
     values = dict(given)
     for key, value in raw.items():
         if key not in known or key in given:

@@ -11,11 +11,14 @@ from pathlib import Path
 from typing import TypeVar
 
 import gevent
+from gevent.threadpool import ThreadPool
 
 T = TypeVar("T")
 SCHEMA = Path(__file__).with_name("schema.sql")
 # How long a write waits for another process's write lock before giving up.
 LOCK_WAIT_SECONDS = 10.0
+# How often the WAL is copied back into the database, from a thread of its own.
+CHECKPOINT_SECONDS = 1.0
 
 _conns: dict[str, tuple[int, sqlite3.Connection]] = {}
 
@@ -29,6 +32,7 @@ def connect(path: str) -> sqlite3.Connection:
     # busy_timeout 0: a lock wait inside SQLite's C code would freeze every greenlet of the worker
     # (RUNTIME.md 3.1 measured 2 s); write() below waits cooperatively instead.
     conn.execute("PRAGMA busy_timeout=0")
+    conn.execute("PRAGMA journal_size_limit=67108864")  # truncate the WAL back to 64 MiB after checkpoints
     return conn
 
 
@@ -37,9 +41,32 @@ def conn_for(path: str) -> sqlite3.Connection:
     pid = os.getpid()
     entry = _conns.get(path)
     if entry is None or entry[0] != pid:
-        entry = (pid, connect(path))
+        conn = connect(path)
+        # SQLite's automatic checkpoint runs inside whichever commit crosses 1000 WAL pages and fsyncs the
+        # database there, freezing every greenlet of the worker; a thread does it instead (_checkpoints).
+        conn.execute("PRAGMA wal_autocheckpoint=0")
+        entry = (pid, conn)
         _conns[path] = entry
+        gevent.spawn(_checkpoints, path)
     return entry[1]
+
+
+def _checkpoints(path: str) -> None:
+    """Copy the WAL into the database every CHECKPOINT_SECONDS, in a real OS thread off the event loop."""
+    pool = ThreadPool(1)  # not the hub's pool, which resolves DNS (RUNTIME.md 2.4)
+    holder: list[sqlite3.Connection] = []
+
+    def checkpoint() -> None:
+        if not holder:  # made in the pool's thread, used only there
+            holder.append(sqlite3.connect(path, isolation_level=None, timeout=5))
+        holder[0].execute("PRAGMA wal_checkpoint(PASSIVE)")
+
+    while True:
+        gevent.sleep(CHECKPOINT_SECONDS)
+        try:
+            pool.apply(checkpoint)
+        except sqlite3.Error:
+            pass  # busy or locked: the next round catches up
 
 
 def init(path: str) -> None:

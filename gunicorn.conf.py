@@ -1,10 +1,29 @@
 """gunicorn settings for the gateway: one gevent worker by default, sized for thousands of open streams."""
 import os
 import resource
+import socket
 import sys
 
+from gunicorn.workers.ggevent import GeventWorker
+
+
+class GatewayWorker(GeventWorker):
+    """gunicorn's gevent worker, with Nagle's algorithm off on client sockets.
+
+    gunicorn sends a response's headers and body as two writes; with Nagle on, the body waits for the client's
+    delayed ACK of the headers (up to 200 ms on Linux), which showed as a 197 ms p99 at one connection.
+    """
+
+    def handle(self, listener, client, addr):
+        try:
+            client.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        except OSError:
+            pass  # a unix socket has no Nagle
+        super().handle(listener, client, addr)
+
+
 bind = f"{os.environ.get('HOST', '127.0.0.1')}:{os.environ.get('PORT', '8080')}"
-worker_class = "gevent"
+worker_class = GatewayWorker
 # memory:// rate limits are exact only with one worker; more workers need [limits].storage_uri = "redis://...".
 workers = int(os.environ.get("WORKERS", "1"))
 # The default (1000) is the most simultaneous clients per worker; the 1001st, /health included, would hang.

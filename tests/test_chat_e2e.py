@@ -20,6 +20,13 @@ def cost(p: int, c: int, inp: str = "0.40", out: str = "1.60") -> int:
     return int(exact.to_integral_value(rounding=ROUND_CEILING))
 
 
+def _content_length(data: bytes) -> int:
+    for line in data.partition(b"\r\n\r\n")[0].split(b"\r\n"):
+        if line.lower().startswith(b"content-length:"):
+            return int(line.split(b":")[1])
+    return 1 << 30
+
+
 def test_health_needs_no_key(gateway):
     r = requests.get(f"{gateway.url}/health")
     assert r.status_code == 200
@@ -221,7 +228,13 @@ def test_bad_json_route_method_and_size(gateway, key):
     with socket.create_connection(("127.0.0.1", gateway.port), timeout=5) as s:
         s.sendall((f"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {key[1]}\r\n"
                    f"Content-Type: application/json\r\nContent-Length: {30 << 20}\r\n\r\n").encode())
-        head, _, body = s.recv(65536).partition(b"\r\n\r\n")
+        data = b""
+        while b"\r\n\r\n" not in data or len(data.partition(b"\r\n\r\n")[2]) < _content_length(data):
+            chunk = s.recv(65536)
+            if not chunk:
+                break
+            data += chunk
+        head, _, body = data.partition(b"\r\n\r\n")
     assert head.startswith(b"HTTP/1.1 413")
     assert validate("ErrorResponse", json.loads(body)) == []
 
