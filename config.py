@@ -10,7 +10,8 @@ from typing import Any
 
 NANO = 10**9
 UPSTREAM_KINDS = ("openai", "gemini", "lyria")
-MODEL_MODES = ("chat", "image", "music")
+MODE_KINDS = {"chat": ("openai",), "image": ("openai", "gemini"), "music": ("lyria",)}  # what can serve what
+MODEL_MODES = tuple(MODE_KINDS)
 
 
 class ConfigError(Exception):
@@ -185,6 +186,10 @@ def parse(raw: dict, path: str = "") -> Config:
             raise ConfigError(f"{where}.upstream names {model.upstream!r}, which is not an [upstreams.NAME] table.")
         if model.mode not in MODEL_MODES:
             raise ConfigError(f"{where}.mode must be one of {', '.join(MODEL_MODES)}, not {model.mode!r}.")
+        kinds, kind = MODE_KINDS[model.mode], upstreams[model.upstream].kind
+        if kind not in kinds:
+            raise ConfigError(f"{where} is a {model.mode} model, so its upstream must be of kind "
+                              f"{' or '.join(kinds)}; [upstreams.{model.upstream}] is {kind}.")
         if model.mode == "chat" and model.max_output_tokens < 1:
             raise ConfigError(f"{where}.max_output_tokens must be at least 1.")
         models[model_id] = model
