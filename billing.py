@@ -101,10 +101,8 @@ def settle(path: str, h: Hold, charges: list[Charge]) -> int | None:
     """
     def work(conn: sqlite3.Connection) -> int | None:
         now = time.time()
-        cur = conn.execute("UPDATE holds SET status = 'settled', settled_at = ? WHERE id = ? AND status = 'held'",
-                           (now, h.id))
-        if cur.rowcount != 1:
-            return None
+        if conn.execute("DELETE FROM holds WHERE id = ?", (h.id,)).rowcount != 1:
+            return None  # already settled, or returned at start-up
         total = sum(c.cost for c in charges)
         if total <= h.amount:
             (balance,) = conn.execute("UPDATE api_keys SET balance = balance + ? WHERE id = ? RETURNING balance",
@@ -133,12 +131,12 @@ def release_orphans(path: str, ttl_seconds: float) -> int:
     """Return holds whose worker process is gone (or that outlived any request) to their keys."""
     def work(conn: sqlite3.Connection) -> int:
         now = time.time()
-        rows = conn.execute("SELECT id, key_id, amount, pid, created_at FROM holds WHERE status = 'held'").fetchall()
+        rows = conn.execute("SELECT id, key_id, amount, pid, created_at FROM holds").fetchall()
         released = 0
         for hold_id, key_id, amount, pid, created_at in rows:
             if _alive(pid) and now - created_at < ttl_seconds:
                 continue
-            conn.execute("UPDATE holds SET status = 'released', settled_at = ? WHERE id = ?", (now, hold_id))
+            conn.execute("DELETE FROM holds WHERE id = ?", (hold_id,))
             conn.execute("UPDATE api_keys SET balance = balance + ? WHERE id = ?", (amount, key_id))
             released += 1
         return released
@@ -173,8 +171,9 @@ def credit(conn: sqlite3.Connection, key_id: int, amount: int, kind: str) -> Non
 def audit(conn: sqlite3.Connection) -> list[tuple[int, int, int, int]]:
     """Keys whose balance plus open holds differs from the sum of their ledger: (id, balance, held, ledger)."""
     rows = conn.execute("""
-        SELECT k.id, k.balance,
-               COALESCE((SELECT SUM(amount) FROM holds h WHERE h.key_id = k.id AND h.status = 'held'), 0),
-               COALESCE((SELECT SUM(amount) FROM ledger l WHERE l.key_id = k.id), 0)
-        FROM api_keys k ORDER BY k.id""").fetchall()
+        SELECT k.id, k.balance, COALESCE(h.total, 0), COALESCE(l.total, 0)
+        FROM api_keys k
+        LEFT JOIN (SELECT key_id, SUM(amount) AS total FROM holds GROUP BY key_id) h ON h.key_id = k.id
+        LEFT JOIN (SELECT key_id, SUM(amount) AS total FROM ledger GROUP BY key_id) l ON l.key_id = k.id
+        ORDER BY k.id""").fetchall()
     return [tuple(r) for r in rows if r[1] + r[2] != r[3]]

@@ -2,7 +2,8 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from functools import partial
 from typing import Any
 
 import gevent
@@ -117,10 +118,12 @@ def handle(ticket: Ticket, route: str, body: dict, heartbeat: float) -> Response
     extra_hold = images.extra_hold if images else 0
     if route == "chat":
         prompt_tokens = tokens.chat_prompt(body)
+        exact_prompt = partial(tokens.chat_prompt, body, True)
         cap_field = next((f for f in ("max_completion_tokens", "max_tokens") if body.get(f) is not None), None)
         mult = body.get("n") or 1
     else:
         prompt_tokens = tokens.completion_prompt(body.get("prompt"))
+        exact_prompt = partial(tokens.completion_prompt, body.get("prompt"), True)
         cap_field = "max_tokens" if body.get("max_tokens") is not None else None
         mult = max(body.get("n") or 1, body.get("best_of") or 1)  # best_of completions are generated and billed
     client_cap = body[cap_field] if cap_field else None
@@ -136,7 +139,7 @@ def handle(ticket: Ticket, route: str, body: dict, heartbeat: float) -> Response
             up_body[upstream.max_tokens_field if route == "chat" else "max_tokens"] = hold.plan
         path = "chat/completions" if route == "chat" else "completions"
         if not stream:
-            return _plain(ticket, model, upstream, path, up_body, prompt_tokens, headers)
+            return _plain(ticket, model, upstream, path, up_body, exact_prompt, headers)
         client_usage = bool((body.get("stream_options") or {}).get("include_usage"))
         up_body["stream_options"] = {**(body.get("stream_options") or {}), "include_usage": True}
         resp = openai_provider.open_stream(upstream, path, up_body)
@@ -146,13 +149,13 @@ def handle(ticket: Ticket, route: str, body: dict, heartbeat: float) -> Response
     except BaseException:
         ticket.settle(500)
         raise
-    relay = Relay(ticket, model, upstream, route, resp, prompt_tokens, client_usage, heartbeat)
+    relay = Relay(ticket, model, upstream, resp, exact_prompt, client_usage, heartbeat)
     return Response(relay.run(), mimetype="text/event-stream",
                     headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no", **headers})
 
 
 def _plain(ticket: Ticket, model: ModelConfig, upstream: UpstreamConfig, path: str, up_body: dict,
-           prompt_est: int, headers: dict[str, str]) -> Response:
+           exact_prompt: Callable[[], int], headers: dict[str, str]) -> Response:
     doc = openai_provider.call(upstream, path, up_body)
     if not isinstance(doc.get("choices"), list):
         raise UpstreamError(f"The upstream '{upstream.name}' answered without 'choices'.")
@@ -160,7 +163,7 @@ def _plain(ticket: Ticket, model: ModelConfig, upstream: UpstreamConfig, path: s
     if isinstance(usage, dict) and isinstance(usage.get("prompt_tokens"), int):
         prompt, completion, estimated = usage["prompt_tokens"], int(usage.get("completion_tokens") or 0), False
     else:
-        prompt, estimated = prompt_est, True
+        prompt, estimated = exact_prompt(), True
         completion = sum(tokens.count(_choice_text(c)) for c in doc["choices"] if isinstance(c, dict))
         usage = doc["usage"] = {"prompt_tokens": prompt, "completion_tokens": completion,
                                 "total_tokens": prompt + completion}
@@ -190,10 +193,10 @@ class Relay:
     write is how a vanished client is noticed (RUNTIME.md 2.2).
     """
 
-    def __init__(self, ticket: Ticket, model: ModelConfig, upstream: UpstreamConfig, route: str, resp: Any,
-                 prompt_est: int, client_usage: bool, heartbeat: float) -> None:
-        self.ticket, self.model, self.upstream, self.route = ticket, model, upstream, route
-        self.resp, self.prompt_est, self.client_usage, self.heartbeat = resp, prompt_est, client_usage, heartbeat
+    def __init__(self, ticket: Ticket, model: ModelConfig, upstream: UpstreamConfig, resp: Any,
+                 exact_prompt: Callable[[], int], client_usage: bool, heartbeat: float) -> None:
+        self.ticket, self.model, self.upstream, self.resp = ticket, model, upstream, resp
+        self.exact_prompt, self.client_usage, self.heartbeat = exact_prompt, client_usage, heartbeat
         self.usage: dict | None = None
         self.delivered: list[bytes] = []
 
@@ -295,7 +298,7 @@ class Relay:
             completion = int(self.usage.get("completion_tokens") or 0)
             estimated = False
         else:
-            prompt, estimated = self.prompt_est, True
+            prompt, estimated = self.exact_prompt(), True
             completion = 0
             for data in self.delivered:
                 try:

