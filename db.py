@@ -8,9 +8,11 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import gevent
+from gevent.event import AsyncResult
+from gevent.lock import Semaphore
 from gevent.threadpool import ThreadPool
 
 T = TypeVar("T")
@@ -22,6 +24,8 @@ CHECKPOINT_SECONDS = 1.0
 WAL_TRUNCATE_BYTES = 16 * 1024 * 1024
 
 _conns: dict[str, tuple[int, sqlite3.Connection]] = {}
+_pending: dict[str, list[tuple[Callable[[sqlite3.Connection], Any], AsyncResult]]] = {}
+_locks: dict[str, Semaphore] = {}
 
 
 def connect(path: str) -> sqlite3.Connection:
@@ -92,29 +96,78 @@ def _locked(exc: sqlite3.OperationalError) -> bool:
 
 
 def write(path: str, work: Callable[[sqlite3.Connection], T]) -> T:
-    """Run work(conn) in one BEGIN IMMEDIATE transaction; wait for a busy lock by sleeping the greenlet.
+    """Run work(conn) atomically and durably (as SQLite's WAL counts durable), and return what it returned.
+
+    Group commit: writes that arrive while one is being gathered share one BEGIN IMMEDIATE ... COMMIT, each in
+    its own SAVEPOINT, so one that raises is undone alone; every caller returns only after the COMMIT that
+    holds its work. A commit writes every page it touched to the WAL, and at 16 connections this turns about
+    two commits per request into a fraction of one.
 
     work must not yield to the event loop (no network, no gevent calls): other greenlets share the connection.
     """
+    pending = _pending.get(path)
+    done: AsyncResult = AsyncResult()
+    if pending is not None:  # a batch is being gathered: join it and wait for its commit
+        pending.append((work, done))
+        return done.get()
+    _pending[path] = [(work, done)]
+    gevent.sleep(0)  # lead the batch: greenlets that are ready now run, and their writes join it
+    with _locks.setdefault(path, Semaphore()):  # one transaction at a time on the shared connection
+        _run(path, _pending.pop(path))
+    return done.get()  # already set: returns at once
+
+
+def _run(path: str, batch: list[tuple[Callable[[sqlite3.Connection], Any], AsyncResult]]) -> None:
+    """One transaction for a batch of writes; every write's result or exception goes to its AsyncResult."""
     conn = conn_for(path)
     deadline = time.monotonic() + LOCK_WAIT_SECONDS
+    try:
+        _begin(conn, deadline)
+    except BaseException as exc:
+        for _, done in batch:
+            done.set_exception(exc)
+        return
+    outcomes = []
+    try:
+        if len(batch) == 1:
+            work, done = batch[0]
+            outcomes.append((done, work(conn), None))
+        else:
+            for work, done in batch:
+                conn.execute("SAVEPOINT w")
+                try:
+                    outcomes.append((done, work(conn), None))
+                    conn.execute("RELEASE w")
+                except Exception as exc:
+                    conn.execute("ROLLBACK TO w")
+                    conn.execute("RELEASE w")
+                    outcomes.append((done, None, exc))
+        _commit(conn, deadline)
+    except BaseException as exc:
+        if conn.in_transaction:
+            conn.execute("ROLLBACK")
+        for _, done in batch:
+            done.set_exception(exc)
+        return
+    for done, result, exc in outcomes:
+        if exc is None:
+            done.set(result)
+        else:
+            done.set_exception(exc)
+
+
+def _begin(conn: sqlite3.Connection, deadline: float) -> None:
+    """BEGIN IMMEDIATE, waiting for another process's write lock by sleeping the greenlet, never the loop."""
     delay = 0.001
     while True:
         try:
             conn.execute("BEGIN IMMEDIATE")
-            break
+            return
         except sqlite3.OperationalError as exc:
             if not _locked(exc) or time.monotonic() > deadline:
                 raise
             gevent.sleep(delay * (0.5 + random.random()))
             delay = min(delay * 2, 0.05)
-    try:
-        result = work(conn)
-    except BaseException:
-        conn.execute("ROLLBACK")
-        raise
-    _commit(conn, deadline)
-    return result
 
 
 def _commit(conn: sqlite3.Connection, deadline: float) -> None:

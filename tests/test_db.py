@@ -1,0 +1,52 @@
+"""db.write's group commit: concurrent writes share a transaction, and a write that raises is undone alone."""
+from __future__ import annotations
+
+import gevent
+import pytest
+
+import db
+import keys
+from errors import InsufficientCredits
+
+
+def test_group_commit_undoes_only_the_failing_writes(tmp_path):
+    path = str(tmp_path / "t.db")
+    with db.cli_connection(path) as conn:
+        key_id, _ = keys.create(conn, "x", 100)
+    transactions = []
+
+    def take(amount: int) -> int:
+        def work(conn):
+            transactions.append(conn.in_transaction)
+            (balance,) = conn.execute("SELECT balance FROM api_keys WHERE id = ?", (key_id,)).fetchone()
+            if balance < amount:
+                raise InsufficientCredits("short")
+            conn.execute("UPDATE api_keys SET balance = balance - ? WHERE id = ?", (amount, key_id))
+            conn.execute("INSERT INTO ledger(key_id, amount, kind, created_at) VALUES (?, ?, 'charge', 0)",
+                         (key_id, -amount))
+            return balance - amount
+        return db.write(path, work)
+
+    greenlets = [gevent.spawn(take, 30) for _ in range(5)]
+    gevent.joinall(greenlets)
+    assert sorted(g.value for g in greenlets if g.successful()) == [10, 40, 70]
+    failures = [g.exception for g in greenlets if not g.successful()]
+    assert len(failures) == 2 and all(isinstance(e, InsufficientCredits) for e in failures)
+    assert transactions == [True] * 5
+    with db.cli_connection(path) as conn:
+        assert conn.execute("SELECT balance FROM api_keys").fetchone()[0] == 10
+        assert conn.execute("SELECT COUNT(*) FROM ledger WHERE kind = 'charge'").fetchone()[0] == 3
+
+
+def test_a_lone_write_that_raises_leaves_nothing(tmp_path):
+    path = str(tmp_path / "t.db")
+    with db.cli_connection(path) as conn:
+        key_id, _ = keys.create(conn, "x", 100)
+
+    def work(conn):
+        conn.execute("UPDATE api_keys SET balance = 0 WHERE id = ?", (key_id,))
+        raise ValueError("boom")
+
+    with pytest.raises(ValueError):
+        db.write(path, work)
+    assert db.write(path, lambda conn: conn.execute("SELECT balance FROM api_keys").fetchone()[0]) == 100
