@@ -205,6 +205,9 @@ class Relay:
             for data in openai_provider.iter_events(self.upstream, self.resp):
                 queue.put(data)
             queue.put(_EOF)
+            # Past [DONE], the connection can serve the next stream once its remainder is read; run() ends
+            # this greenlet if that takes long, and the connection is then closed instead.
+            self.resp.finish()
         except GatewayError as exc:
             queue.put(exc)
         except Exception:  # the reader must always wake the relay

@@ -41,8 +41,13 @@ class Reply:
     def json(self) -> Any:
         return json.loads(self.content)
 
+    def finish(self) -> None:
+        """Read a finished stream's remainder (the chunked terminator), so close() can reuse its connection."""
+        self.raw.drain_conn()
+        self._streaming = False
+
     def close(self) -> None:
-        """Give the connection back; a stream cut short closes it, since its unread rest cannot be reused."""
+        """Give the connection back; a stream not finished closes it, since its unread rest cannot be reused."""
         if self._streaming:
             self.raw.close()
         self.raw.release_conn()
