@@ -125,8 +125,11 @@ def test_holds_of_a_killed_process_come_back_on_restart(make_gateway):
         again.stop()
 
 
-def test_heartbeat_notices_a_vanished_client_while_the_upstream_is_silent(gateway, fake_openai):
+def test_heartbeat_notices_a_vanished_client_while_the_upstream_is_silent(make_gateway):
     """The upstream waits 4 s per chunk; pings every second reveal the closed client long before that."""
+    def patient(cfg):  # the shared gateway's 2 s upstream timeout would end the stream first
+        cfg["upstreams"]["fake"]["timeout_seconds"] = 10
+    gateway = make_gateway(patient)
     key_id, secret = gateway.create_key("1")
     body = json.dumps({"model": "gpt-test", "stream": True,
                        "messages": [{"role": "user", "content": "think [chunks=3] [delay=4]"}]}).encode()
