@@ -127,6 +127,16 @@ def settle(path: str, h: Hold, charges: list[Charge]) -> int | None:
     return db.write(path, work)
 
 
+def fixed(amount: int, what: str, hint: str) -> Callable[[int], tuple[int, None]]:
+    """A hold planner for a known price: the amount, or 402 saying what the key has and what `what` needs."""
+    def plan(balance: int) -> tuple[int, None]:
+        if amount > balance:
+            raise InsufficientCredits(f"This key has {format_credits(balance)} credits; {what} need "
+                                      f"{format_credits(amount)}. Top up the key or {hint}.")
+        return amount, None
+    return plan
+
+
 def release_orphans(path: str, ttl_seconds: float) -> int:
     """Return holds whose worker process is gone (or that outlived any request) to their keys."""
     def work(conn: sqlite3.Connection) -> int:

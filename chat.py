@@ -14,13 +14,14 @@ import billing
 import tokens
 import vision
 from config import ModelConfig, UpstreamConfig
-from errors import GatewayError, InsufficientCredits, InvalidRequest, ModelNotFound, UpstreamError
+from errors import GatewayError, InsufficientCredits, InvalidRequest, UpstreamError
 from metering import Ticket, dumps_with_cost
 from providers import openai as openai_provider
 from providers.http import require_key
 
 MILLION = billing.MILLION
 _EOF = object()
+CONNECTED_AFTER = 0.05  # seconds a stream waits for its first event before sending headers on their own
 
 
 def _int_field(body: dict, name: str, low: int, high: int | None = None) -> int | None:
@@ -38,8 +39,6 @@ def validate(route: str, body: dict) -> None:
     """OpenAI's required fields and the types of the fields the gateway itself uses."""
     if "model" not in body:
         raise InvalidRequest("You must provide a model parameter.", param="model", code="missing_required_parameter")
-    if not isinstance(body["model"], str) or not body["model"]:
-        raise InvalidRequest("'model' must be a non-empty string.", param="model", code="invalid_type")
     if route == "chat":
         msgs = body.get("messages")
         if msgs is None:
@@ -73,19 +72,6 @@ def validate(route: str, body: dict) -> None:
     _int_field(body, "best_of", 1, 20)
 
 
-def resolve(cfg: Any, name: str, mode: str) -> tuple[ModelConfig, UpstreamConfig]:
-    """The configured model and its upstream, or the OpenAI error a client expects."""
-    model = cfg.models.get(name)
-    if model is None:
-        raise ModelNotFound(f"The model `{name}` does not exist or you do not have access to it.", param="model")
-    if model.mode != mode:
-        raise InvalidRequest(f"The model `{name}` is a {model.mode} model and cannot serve this route.",
-                             param="model", code="model_not_supported")
-    upstream = cfg.upstream_for(model)
-    require_key(upstream)  # a missing upstream key is a 502 before any credit moves
-    return model, upstream
-
-
 def planner(model: ModelConfig, prompt_tokens: int, mult: int, client_cap: int | None, extra: int = 0):
     """The hold: prompt estimate x input price + output cap x output price, times n; the cap lowered to what
     the key can afford when the client named none. extra is added nano-credits (vision bridge calls)."""
@@ -110,7 +96,8 @@ def planner(model: ModelConfig, prompt_tokens: int, mult: int, client_cap: int |
 
 def handle(ticket: Ticket, route: str, body: dict, heartbeat: float) -> Response:
     """Run one chat or legacy completion request end to end; the ticket is settled on every path."""
-    model, upstream = resolve(ticket.cfg, body["model"], "chat")
+    model, upstream = ticket.cfg.model_for(body["model"], "chat")
+    require_key(upstream)  # a missing upstream key is a 502 before any credit moves
     ticket.model = model.id
     stream = bool(body.get("stream"))
     # Images are checked, fetched and priced before the hold, so a refused image costs nothing.
@@ -245,13 +232,17 @@ class Relay:
         reader = gevent.spawn(self._read, queue)
         status = 499  # a client that goes away never reaches the end
         try:
-            yield b": connected\n\n"
+            wait, idle = CONNECTED_AFTER, b": connected\n\n"
             while True:
                 try:
-                    item = queue.get(timeout=self.heartbeat)
+                    item = queue.get(timeout=wait)
                 except Empty:
-                    yield b": ping\n\n"
+                    # Headers go out with the first event; an upstream slower than CONNECTED_AFTER gets them
+                    # sent with a comment instead, then a ping every heartbeat while it stays silent.
+                    yield idle
+                    wait, idle = self.heartbeat, b": ping\n\n"
                     continue
+                wait, idle = self.heartbeat, b": ping\n\n"
                 batch, items, done, failed = [], [], False, None
                 while True:  # drain what has arrived, so a burst of events costs one write
                     if item is _EOF:

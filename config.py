@@ -8,6 +8,8 @@ from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
+from errors import InvalidRequest, ModelNotFound
+
 NANO = 10**9
 UPSTREAM_KINDS = ("openai", "gemini", "lyria")
 MODE_KINDS = {"chat": ("openai",), "image": ("openai", "gemini"), "music": ("lyria",)}  # what can serve what
@@ -116,6 +118,20 @@ class Config:
 
     def upstream_for(self, model: ModelConfig) -> UpstreamConfig:
         return self.upstreams[model.upstream]
+
+    def model_for(self, name: Any, mode: str, default: str | None = None) -> tuple[ModelConfig, UpstreamConfig]:
+        """The model a request names (or the default when it names none), and its upstream; else OpenAI's error."""
+        if name is None and default:
+            name = default
+        if not isinstance(name, str) or not name:
+            raise InvalidRequest("'model' must be a non-empty string.", param="model", code="invalid_type")
+        model = self.models.get(name)
+        if model is None:
+            raise ModelNotFound(f"The model `{name}` does not exist or you do not have access to it.", param="model")
+        if model.mode != mode:
+            raise InvalidRequest(f"The model `{name}` is a {model.mode} model and cannot serve a {mode} request.",
+                                 param="model", code="model_not_supported")
+        return model, self.upstreams[model.upstream]
 
 
 def _typed(where: str, value: Any, default: Any, annotation: str) -> Any:

@@ -11,14 +11,12 @@ import json
 import logging
 import re
 import time
-from collections.abc import Callable
-from typing import Any
 
 from flask import Response
 
 import billing
 from config import ModelConfig, UpstreamConfig
-from errors import GatewayError, InsufficientCredits, InvalidRequest, ModelNotFound, UpstreamError
+from errors import GatewayError, InvalidRequest, UpstreamError
 from metering import Ticket
 from providers import gemini
 from providers import openai as openai_provider
@@ -28,27 +26,6 @@ log = logging.getLogger("gateway")
 MAX_N = 10
 FORMATS = ("b64_json", "url")
 _SIZE = re.compile(r"\d{1,6}x\d{1,6}")
-
-
-def _model(cfg: Any, body: dict) -> tuple[ModelConfig, UpstreamConfig]:
-    """The requested (or default) image model and its upstream; 404 for an unknown id, 400 for another mode."""
-    name = body.get("model")
-    if name is None:
-        name = cfg.images.default_model
-    elif not isinstance(name, str) or not name:
-        raise InvalidRequest('model must be a non-empty string such as "gemini-2.5-flash-image".', param="model",
-                             code="invalid_type")
-    model = cfg.models.get(name)
-    if model is None:
-        raise ModelNotFound(f"The model `{name}` does not exist or you do not have access to it.", param="model")
-    if model.mode != "image":
-        raise InvalidRequest(f"The model `{name}` is a {model.mode} model and cannot generate images.",
-                             param="model", code="model_not_supported")
-    upstream = cfg.upstream_for(model)
-    if upstream.kind not in ("gemini", "openai"):
-        raise UpstreamError(f"The model `{name}` points at upstream '{upstream.name}' of kind {upstream.kind}, "
-                            "which cannot generate images; the operator must fix config.toml.")
-    return model, upstream
 
 
 def _prompt(body: dict) -> str:
@@ -93,19 +70,6 @@ def _check_options(body: dict, upstream: UpstreamConfig, model: ModelConfig) -> 
     return size
 
 
-def _planner(model: ModelConfig, n: int) -> Callable[[int], tuple[int, int]]:
-    """A hold planner for n images at the model's per-image price, or 402 naming what is needed."""
-    amount = n * model.image_nano
-
-    def plan(balance: int) -> tuple[int, int]:
-        if amount > balance:
-            raise InsufficientCredits(
-                f"This key has {billing.format_credits(balance)} credits; {n} image(s) from {model.id} need "
-                f"{billing.format_credits(amount)}. Top up the key or ask for fewer images (n).")
-        return amount, n
-    return plan
-
-
 def _google(ticket: Ticket, upstream: UpstreamConfig, model: ModelConfig, prompt: str, n: int, size: str,
             fmt: str) -> tuple[dict, int]:
     """Google's images as an ImagesResponse, and how many there are; raises the first error if none came."""
@@ -135,13 +99,13 @@ def _openai(upstream: UpstreamConfig, model: ModelConfig, body: dict) -> tuple[d
 
 def handle(ticket: Ticket, body: dict) -> Response:
     """Run one image request end to end and answer OpenAI's ImagesResponse with the credit headers."""
-    model, upstream = _model(ticket.cfg, body)
+    model, upstream = ticket.cfg.model_for(body.get("model"), "image", ticket.cfg.images.default_model)
     ticket.model = model.id
     prompt = _prompt(body)
     n = _n(body)
     size = _check_options(body, upstream, model)
     require_key(upstream)  # a missing upstream key is a 502 before any credit moves
-    ticket.take_hold(_planner(model, n))
+    ticket.take_hold(billing.fixed(n * model.image_nano, f"{n} image(s) from {model.id}", "ask for fewer images (n)"))
     try:
         if upstream.kind == "gemini":
             fmt = body.get("response_format") or "b64_json"

@@ -10,13 +10,12 @@ import base64
 import json
 import time
 from decimal import ROUND_CEILING, Decimal
-from typing import Any
 
 from flask import Response
 
 import billing
-from config import ModelConfig, UpstreamConfig
-from errors import GatewayError, InsufficientCredits, InvalidRequest, ModelNotFound
+from config import ModelConfig
+from errors import GatewayError, InvalidRequest
 from metering import Ticket
 from providers import lyria
 from providers.http import require_key
@@ -24,23 +23,6 @@ from providers.http import require_key
 PCM_MIME = f"audio/l16;rate={lyria.SAMPLE_RATE};channels={lyria.CHANNELS}"
 WAV_MIME = "audio/wav"
 FORMATS = ("pcm", "wav")
-
-
-def _model(cfg: Any, body: dict) -> tuple[ModelConfig, UpstreamConfig]:
-    """The requested (or default) music model and its upstream; 404 for an unknown id, 400 for a non-music one."""
-    name = body.get("model")
-    if name is None:
-        name = cfg.music.default_model
-    elif not isinstance(name, str) or not name:
-        raise InvalidRequest("model must be a non-empty string such as \"lyria-realtime-exp\".", param="model",
-                             code="invalid_type")
-    model = cfg.models.get(name)
-    if model is None:
-        raise ModelNotFound(f"The model `{name}` does not exist or you do not have access to it.", param="model")
-    if model.mode != "music":
-        raise InvalidRequest(f"The model `{name}` is a {model.mode} model and cannot make music.", param="model",
-                             code="model_not_supported")
-    return model, cfg.upstream_for(model)
 
 
 def _format(body: dict) -> str:
@@ -60,17 +42,6 @@ def hold_amount(model: ModelConfig, seconds: float) -> int:
     return int(exact.to_integral_value(rounding=ROUND_CEILING))
 
 
-def _planner(amount: int):
-    """A hold planner for a fixed price: the amount, or 402 naming what the key has and what is needed."""
-    def plan(balance: int) -> tuple[int, None]:
-        if amount > balance:
-            raise InsufficientCredits(
-                f"This key has {billing.format_credits(balance)} credits; this clip needs "
-                f"{billing.format_credits(amount)}. Top up the key or ask for a shorter duration_seconds.")
-        return amount, None
-    return plan
-
-
 def _seconds_json(seconds: float) -> int | float:
     """8.0 reports as 8, 4.5 as 4.5."""
     return int(seconds) if float(seconds).is_integer() else seconds
@@ -79,7 +50,7 @@ def _seconds_json(seconds: float) -> int | float:
 def handle(ticket: Ticket, body: dict) -> Response:
     """Run one music request end to end and answer OpenAI-style JSON with the whole clip in data[0]."""
     cfg = ticket.cfg
-    model, upstream = _model(cfg, body)
+    model, upstream = cfg.model_for(body.get("model"), "music", cfg.music.default_model)
     ticket.model = model.id
     prompts = lyria.parse_prompts(body)
     seconds = lyria.parse_duration(body.get("duration_seconds"), cfg.music.default_duration_seconds)
@@ -87,7 +58,8 @@ def handle(ticket: Ticket, body: dict) -> Response:
     fmt = _format(body)
     require_key(upstream)  # a missing upstream key is a 502 before any credit moves
     amount = hold_amount(model, seconds)
-    ticket.take_hold(_planner(amount))
+    ticket.take_hold(billing.fixed(amount, f"{_seconds_json(seconds)} s of music from {model.id}",
+                                   "ask for a shorter duration_seconds"))
     try:
         pcm = lyria.generate_music(upstream, model.upstream_model, prompts, config, seconds)
         audio, mime = (lyria.wav_bytes(pcm), WAV_MIME) if fmt == "wav" else (pcm, PCM_MIME)

@@ -137,8 +137,9 @@ def test_heartbeat_notices_a_vanished_client_while_the_upstream_is_silent(make_g
     sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
                  + f"Authorization: Bearer {secret}\r\nContent-Length: {len(body)}\r\n\r\n".encode() + body)
     received = b""
-    while b": connected" not in received:
+    while b"\r\n\r\n" not in received:  # the stream has started (its first event came at once)
         received += sock.recv(4096)
+    assert received.startswith(b"HTTP/1.1 200")
     started = time.monotonic()
     sock.close()
     assert wait_for(lambda: len(gateway.usage(key_id)) == 1, timeout=3.8), "vanished client not noticed"
