@@ -155,3 +155,16 @@ def test_silent_upstream_gets_pings(gateway):
                             "messages": [{"role": "user", "content": "x [chunks=2] [delay=1.6]"}]}, timeout=30)
     assert ": ping" in r.text
     assert r.text.rstrip().endswith("data: [DONE]")
+
+
+def test_slow_first_event_gets_headers_early(gateway):
+    """An upstream slower than 50 ms to its first event: headers go out at once with an SSE comment."""
+    _, secret = gateway.create_key("1")
+    r = requests.post(f"{gateway.base_url}/completions", headers={"Authorization": f"Bearer {secret}"},
+                      json={"model": "gpt-test", "stream": True, "prompt": "x [chunks=2] [delay=0.4]"},
+                      stream=True, timeout=30)
+    started = time.monotonic()
+    first = next(r.iter_lines())
+    assert first == b": connected" and time.monotonic() - started < 0.3
+    rest = b"\n".join(r.iter_lines())
+    assert rest.rstrip().endswith(b"data: [DONE]")
