@@ -220,6 +220,7 @@ class Relay:
             self.usage = usage
             if self.client_usage:
                 cost = billing.token_cost(self.model, usage["prompt_tokens"], int(usage.get("completion_tokens") or 0))
+                cost += sum(c.cost for c in self.ticket.charges)  # vision bridge calls, charged before the stream
                 return b"data: " + dumps_with_cost(obj, usage, cost).encode() + b"\n\n"
             if not obj.get("choices"):
                 return None

@@ -65,8 +65,9 @@ def generate_content_body(prompt: str, aspect: str) -> dict:
 
 
 def predict_body(prompt: str, n: int, aspect: str) -> dict:
-    """An Imagen :predict request for n (1..4) images."""
-    return {"instances": [{"prompt": prompt}], "parameters": {"sampleCount": n, "aspectRatio": aspect}}
+    """An Imagen :predict request for n (1..4) images; the filter's reason is asked for, so a block is a 400."""
+    return {"instances": [{"prompt": prompt}],
+            "parameters": {"sampleCount": n, "aspectRatio": aspect, "includeRaiReason": True}}
 
 
 def _blocked(reason: str) -> ContentPolicy:

@@ -66,7 +66,8 @@ def test_request_bodies():
         "contents": [{"role": "user", "parts": [{"text": "a cat"}]}],
         "generationConfig": {"responseModalities": ["TEXT", "IMAGE"], "imageConfig": {"aspectRatio": "16:9"}}}
     assert gemini.predict_body("a cat", 3, "4:3") == {
-        "instances": [{"prompt": "a cat"}], "parameters": {"sampleCount": 3, "aspectRatio": "4:3"}}
+        "instances": [{"prompt": "a cat"}],
+        "parameters": {"sampleCount": 3, "aspectRatio": "4:3", "includeRaiReason": True}}
 
 
 def _answer(parts, finish="STOP"):
@@ -251,7 +252,8 @@ def test_imagen_n3_is_one_predict(fake, upstream):
     [(path, headers, body)] = fake.requests
     assert path == f"/v1beta/models/{IMAGEN}:predict"
     assert headers["x-goog-api-key"] == KEY
-    assert body == {"instances": [{"prompt": "cats"}], "parameters": {"sampleCount": 3, "aspectRatio": "4:3"}}
+    assert body == {"instances": [{"prompt": "cats"}],
+                    "parameters": {"sampleCount": 3, "aspectRatio": "4:3", "includeRaiReason": True}}
 
 
 @pytest.mark.parametrize("n, counts", [(6, [2, 4]), (9, [1, 4, 4]), (4, [4])])

@@ -196,6 +196,8 @@ def test_streaming_with_a_bridged_image(gateway, fake_openai):
                                                             ("gpt-text", cost(20, 4, "0.50", "1.50"))]
     assert rows[0]["parent_request_id"] == rows[1]["request_id"]
     assert NANO - gateway.balance(key_id) == sum(row["cost"] for row in rows)
+    # the usage chunk's cost is the whole request's, bridge call included, as usage.cost is for plain answers
+    assert chunks[-1].usage.model_extra["cost"] == pytest.approx(sum(row["cost"] for row in rows) / NANO)
 
 
 def test_bridge_cost_is_part_of_the_hold(gateway, fake_openai, key):
