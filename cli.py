@@ -118,4 +118,5 @@ def register(app: Flask) -> None:
             count = conn.execute("SELECT COUNT(*) FROM api_keys WHERE revoked_at IS NULL").fetchone()[0]
         click.echo(f"Database ready at {_db()} ({count} active keys).")
         if count == 0:
-            click.echo("No key yet: create one with  flask --app app keys create --name me --credits 5")
+            click.echo("No key yet: create one with  make key NAME=me CREDITS=5  "
+                       "(or .venv/bin/flask --app app keys create --name me --credits 5)")
