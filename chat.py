@@ -116,7 +116,7 @@ def handle(ticket: Ticket, route: str, body: dict, heartbeat: float) -> Response
     client_cap = body[cap_field] if cap_field else None
     hold = ticket.take_hold(planner(model, prompt_tokens, mult, client_cap, extra_hold))
     headers = {}
-    try:
+    with ticket.settled_on_error():
         if images:
             body = images.apply(ticket)  # bridge descriptions, inlined data URLs; charges the bridge calls
             headers = images.headers()
@@ -130,12 +130,6 @@ def handle(ticket: Ticket, route: str, body: dict, heartbeat: float) -> Response
         client_usage = bool((body.get("stream_options") or {}).get("include_usage"))
         up_body["stream_options"] = {**(body.get("stream_options") or {}), "include_usage": True}
         resp = openai_provider.open_stream(upstream, path, up_body)
-    except GatewayError as exc:
-        ticket.settle(exc.status)
-        raise
-    except BaseException:
-        ticket.settle(500)
-        raise
     relay = Relay(ticket, model, upstream, resp, exact_prompt, client_usage, heartbeat)
     return Response(relay.run(), mimetype="text/event-stream",
                     headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no", **headers})

@@ -16,7 +16,7 @@ from flask import Response
 
 import billing
 from config import ModelConfig, UpstreamConfig
-from errors import GatewayError, InvalidRequest, UpstreamError
+from errors import InvalidRequest, UpstreamError
 from metering import Ticket
 from providers import gemini
 from providers import openai as openai_provider
@@ -106,7 +106,7 @@ def handle(ticket: Ticket, body: dict) -> Response:
     size = _check_options(body, upstream, model)
     require_key(upstream)  # a missing upstream key is a 502 before any credit moves
     ticket.take_hold(billing.fixed(n * model.image_nano, f"{n} image(s) from {model.id}", "ask for fewer images (n)"))
-    try:
+    with ticket.settled_on_error():  # no image, no charge
         if upstream.kind == "gemini":
             fmt = body.get("response_format") or "b64_json"
             doc, count = _google(ticket, upstream, model, prompt, n, size or "auto", fmt)
@@ -115,11 +115,5 @@ def handle(ticket: Ticket, body: dict) -> Response:
         count = min(count, n)  # never charge past the hold, whatever the upstream sent
         ticket.add(count * model.image_nano, 200, units=count)
         charged = ticket.settle(200)
-    except GatewayError as exc:
-        ticket.settle(exc.status)  # no image, no charge (a no-op if already settled)
-        raise
-    except BaseException:
-        ticket.settle(500)
-        raise
     return Response(json.dumps(doc, separators=(",", ":")), mimetype="application/json",
                     headers=ticket.credit_headers(charged))

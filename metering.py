@@ -4,11 +4,14 @@ from __future__ import annotations
 import json
 import logging
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
 import billing
 from config import Config
+from errors import GatewayError
 from keys import ApiKey
 
 log = logging.getLogger("gateway.request")
@@ -70,6 +73,18 @@ class Ticket:
                  self.model, status, main.prompt_tokens, main.completion_tokens, main.units,
                  billing.format_credits(charged), billing.format_credits(main.uncollected), main.latency_ms)
         return charged
+
+    @contextmanager
+    def settled_on_error(self) -> Iterator[None]:
+        """Settle at the failing status (charging only what was added before) when the block raises."""
+        try:
+            yield
+        except GatewayError as exc:
+            self.settle(exc.status)
+            raise
+        except BaseException:
+            self.settle(500)
+            raise
 
     def credit_headers(self, charged: int) -> dict[str, str]:
         headers = {"x-credits-charged": billing.format_credits(charged)}

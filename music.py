@@ -15,7 +15,7 @@ from flask import Response
 
 import billing
 from config import ModelConfig
-from errors import GatewayError, InvalidRequest
+from errors import InvalidRequest
 from metering import Ticket
 from providers import lyria
 from providers.http import require_key
@@ -60,7 +60,7 @@ def handle(ticket: Ticket, body: dict) -> Response:
     amount = hold_amount(model, seconds)
     ticket.take_hold(billing.fixed(amount, f"{_seconds_json(seconds)} s of music from {model.id}",
                                    "ask for a shorter duration_seconds"))
-    try:
+    with ticket.settled_on_error():  # a failed generation costs nothing
         pcm = lyria.generate_music(upstream, model.upstream_model, prompts, config, seconds)
         audio, mime = (lyria.wav_bytes(pcm), WAV_MIME) if fmt == "wav" else (pcm, PCM_MIME)
         doc = {"created": int(time.time()), "model": model.id, "duration_seconds": _seconds_json(seconds),
@@ -68,11 +68,5 @@ def handle(ticket: Ticket, body: dict) -> Response:
                          "sample_rate": lyria.SAMPLE_RATE, "channels": lyria.CHANNELS}]}
         ticket.add(amount, 200, units=seconds)  # delivered in full: charged the whole hold
         charged = ticket.settle(200)
-    except GatewayError as exc:
-        ticket.settle(exc.status)  # a failed generation costs nothing (no-op if already settled)
-        raise
-    except BaseException:
-        ticket.settle(500)
-        raise
     return Response(json.dumps(doc, separators=(",", ":")), mimetype="application/json",
                     headers=ticket.credit_headers(charged))

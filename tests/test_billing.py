@@ -40,13 +40,19 @@ def test_format_and_parse_credits():
         raise AssertionError(f"{bad} was accepted")
 
 
-def test_disconnect_is_charged_for_what_was_delivered(gateway, fake_openai):
-    key_id, secret = gateway.create_key("1")
+def open_raw_stream(gateway, secret: str, content: str) -> socket.socket:
+    """A streamed chat request sent over a bare socket, so the test can vanish the way a killed client does."""
     body = json.dumps({"model": "gpt-test", "stream": True,
-                       "messages": [{"role": "user", "content": "long [chunks=200] [delay=0.02]"}]}).encode()
+                       "messages": [{"role": "user", "content": content}]}).encode()
     sock = socket.create_connection(("127.0.0.1", gateway.port), timeout=10)
     sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
                  + f"Authorization: Bearer {secret}\r\nContent-Length: {len(body)}\r\n\r\n".encode() + body)
+    return sock
+
+
+def test_disconnect_is_charged_for_what_was_delivered(gateway, fake_openai):
+    key_id, secret = gateway.create_key("1")
+    sock = open_raw_stream(gateway, secret, "long [chunks=200] [delay=0.02]")
     received = b""
     while received.count(b"tok") < 5:
         received += sock.recv(4096)
@@ -131,11 +137,7 @@ def test_heartbeat_notices_a_vanished_client_while_the_upstream_is_silent(make_g
         cfg["upstreams"]["fake"]["timeout_seconds"] = 10
     gateway = make_gateway(patient)
     key_id, secret = gateway.create_key("1")
-    body = json.dumps({"model": "gpt-test", "stream": True,
-                       "messages": [{"role": "user", "content": "think [chunks=3] [delay=4]"}]}).encode()
-    sock = socket.create_connection(("127.0.0.1", gateway.port), timeout=10)
-    sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-                 + f"Authorization: Bearer {secret}\r\nContent-Length: {len(body)}\r\n\r\n".encode() + body)
+    sock = open_raw_stream(gateway, secret, "think [chunks=3] [delay=4]")
     received = b""
     while b"\r\n\r\n" not in received:  # the stream has started (its first event came at once)
         received += sock.recv(4096)
