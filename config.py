@@ -11,9 +11,9 @@ from typing import Any
 from errors import InvalidRequest, ModelNotFound
 
 NANO = 10**9
-UPSTREAM_KINDS = ("openai", "gemini", "lyria")
 MODE_KINDS = {"chat": ("openai",), "image": ("openai", "gemini"), "music": ("lyria",)}  # what can serve what
 MODEL_MODES = tuple(MODE_KINDS)
+UPSTREAM_KINDS = tuple(dict.fromkeys(kind for kinds in MODE_KINDS.values() for kind in kinds))
 
 
 class ConfigError(Exception):

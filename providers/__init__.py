@@ -1,4 +1,5 @@
-"""Upstream providers by config kind: a literal registry, no discovery. Each is a module of plain functions."""
-from providers import gemini, lyria, openai
+"""Upstream providers, one module per config kind: openai.py, gemini.py, lyria.py (pooled HTTP in http.py).
 
-PROVIDERS = {"openai": openai, "gemini": gemini, "lyria": lyria}
+Which kind may serve which model mode is config.MODE_KINDS, checked at start-up; each route then calls its
+provider module directly, since their calls differ (an OpenAI relay, Gemini's REST shapes, a Lyria websocket).
+"""
