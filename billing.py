@@ -82,15 +82,29 @@ def hold(path: str, key_id: int, request_id: str, planner: Callable[[int], tuple
     def work(conn: sqlite3.Connection) -> Hold:
         row = conn.execute("SELECT balance FROM api_keys WHERE id = ?", (key_id,)).fetchone()
         balance = row[0] if row else 0
-        amount, plan = planner(balance)
-        if amount > balance:
-            raise InsufficientCredits("This key does not have enough credits for this request.")
+        try:
+            amount, plan = planner(balance)
+            if amount > balance:
+                raise InsufficientCredits("This key does not have enough credits for this request.")
+        except InsufficientCredits as exc:
+            raise _with_reserved(conn, key_id, exc) from None
         conn.execute("UPDATE api_keys SET balance = balance - ? WHERE id = ?", (amount, key_id))
         cur = conn.execute(
             "INSERT INTO holds(key_id, request_id, pid, amount, created_at) VALUES (?, ?, ?, ?, ?)",
             (key_id, request_id, os.getpid(), amount, time.time()))
         return Hold(cur.lastrowid, key_id, request_id, amount, plan)
     return db.write(path, work)
+
+
+def _with_reserved(conn: sqlite3.Connection, key_id: int, exc: InsufficientCredits) -> InsufficientCredits:
+    """The 402 with what the key's requests in flight hold: those credits come back as they finish."""
+    count, held = conn.execute("SELECT COUNT(*), COALESCE(SUM(amount), 0) FROM holds WHERE key_id = ?",
+                               (key_id,)).fetchone()
+    if not count:
+        return exc
+    what = "1 request" if count == 1 else f"{count} requests"
+    return InsufficientCredits(f"{exc.message} Another {format_credits(held)} credits are reserved by {what} in "
+                               "flight; what they do not spend comes back when they finish, so retry then.")
 
 
 def settle(path: str, h: Hold, charges: list[Charge]) -> int | None:

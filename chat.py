@@ -11,6 +11,7 @@ from flask import Response
 from gevent.queue import Empty, Queue
 
 import billing
+import db
 import tokens
 import vision
 from config import ModelConfig, UpstreamConfig
@@ -72,26 +73,66 @@ def validate(route: str, body: dict) -> None:
     _int_field(body, "best_of", 1, 20)
 
 
-def planner(model: ModelConfig, prompt_tokens: int, mult: int, client_cap: int | None, extra: int = 0):
-    """The hold: prompt estimate x input price + output cap x output price, times n; the cap lowered to what
-    the key can afford when the client named none. extra is added nano-credits (vision bridge calls)."""
+# A request that names no output cap holds at most 1/HOLD_SHARE of the key's free balance (but never less than
+# its prompt and FLOOR_TOKENS of output), while the cap it sends upstream is what the whole free balance affords.
+# Without this, one uncapped request reserved a model's entire max_output_tokens and parallel requests on a small
+# key got 402 with most of the balance unspent. What a request costs beyond its hold is taken from the balance at
+# settlement, down to zero; the rest is recorded as uncollected (README, Credits).
+HOLD_SHARE = 8
+FLOOR_TOKENS = 256
+# A byte-level BPE token is at least one byte, so a prompt's tokens are at most about three times the
+# bytes/3 estimate. While that worst case stays within this share of the balance, the estimate is held.
+EXACT_SHARE = 8
+# Past this many estimated prompt tokens (about 200 KB of text) exact counting would hold the event loop for
+# tens of milliseconds; the hold then assumes the worst case (one token per byte) instead. Below it no single
+# text is long enough for tokens.count to fall back to its own estimate.
+EXACT_MAX_TOKENS = 66_000
+
+
+def planner(model: ModelConfig, prompt_tokens: int, mult: int, client_cap: int | None,
+            extra: int = 0) -> Callable[[int], tuple[int, int]]:
+    """The hold for a token-priced request, as billing.hold's planner: (nano-credits held, output cap to send).
+
+    A client's cap (at most the model's maximum) is held in full, or refused with 402. A request without one
+    sends the largest cap the free balance affords (the model's maximum when it can) and holds a share of the
+    balance for it. extra is nano-credits held on top (vision bridge calls); mult is n (or best_of).
+    """
     prompt_scaled = mult * prompt_tokens * model.input_npm + extra * MILLION
     out_unit = mult * model.output_npm
+    limit = model.max_output_tokens if client_cap is None else min(client_cap, model.max_output_tokens)
+
+    def cost(cap: int) -> int:
+        return billing.ceil_div(prompt_scaled + cap * out_unit, MILLION)
+
+    def short(balance: int, cap: int, hint: str) -> InsufficientCredits:
+        return InsufficientCredits(f"This key has {billing.format_credits(balance)} credits available; this "
+                                   f"request needs at least {billing.format_credits(cost(cap))}. {hint}")
 
     def plan(balance: int) -> tuple[int, int]:
-        if client_cap is not None:
-            cap = min(client_cap, model.max_output_tokens)
-        elif out_unit == 0:
-            cap = model.max_output_tokens
-        else:
-            cap = min(model.max_output_tokens, (balance * MILLION - prompt_scaled) // out_unit)
-        amount = billing.ceil_div(prompt_scaled + max(cap, 1) * out_unit, MILLION)
-        if cap < 1 or amount > balance:
-            raise InsufficientCredits(
-                f"This key has {billing.format_credits(balance)} credits; this request needs at least "
-                f"{billing.format_credits(amount)}. Top up the key or lower max_tokens.")
-        return amount, cap
+        if client_cap is not None or out_unit == 0:
+            if cost(limit) > balance:
+                raise short(balance, limit, "Top up the key or lower max_tokens.")
+            return cost(limit), limit
+        cap = min(limit, (balance * MILLION - prompt_scaled) // out_unit)
+        if cap < 1:
+            raise short(balance, 1, "Top up the key or send a shorter prompt.")
+        return min(cost(cap), max(cost(min(cap, FLOOR_TOKENS)), balance // HOLD_SHARE)), cap
     return plan
+
+
+def hold_prompt(ticket: Ticket, model: ModelConfig, estimate: int, exact: Callable[[], int], mult: int) -> int:
+    """The prompt tokens to hold for: the quick estimate while a threefold miss would not matter to the key,
+    else an exact count (or, for a huge prompt, the one-token-per-byte worst case)."""
+    worst = billing.token_cost(model, 3 * estimate * mult, 0)
+    if worst == 0:
+        return estimate
+    rows = db.read(ticket.cfg.server.database, "SELECT balance FROM api_keys WHERE id = ?", (ticket.key.id,))
+    balance = rows[0][0] if rows else 0
+    if worst * EXACT_SHARE <= balance:
+        return estimate
+    if estimate > EXACT_MAX_TOKENS:
+        return 3 * estimate
+    return max(exact(), 1)
 
 
 def handle(ticket: Ticket, route: str, body: dict, heartbeat: float) -> Response:
@@ -106,14 +147,16 @@ def handle(ticket: Ticket, route: str, body: dict, heartbeat: float) -> Response
     if route == "chat":
         prompt_tokens = tokens.chat_prompt(body)
         exact_prompt = partial(tokens.chat_prompt, body, True)
-        cap_field = next((f for f in ("max_completion_tokens", "max_tokens") if body.get(f) is not None), None)
+        caps = [body[f] for f in ("max_completion_tokens", "max_tokens") if body.get(f) is not None]
         mult = body.get("n") or 1
     else:
         prompt_tokens = tokens.completion_prompt(body.get("prompt"))
         exact_prompt = partial(tokens.completion_prompt, body.get("prompt"), True)
-        cap_field = "max_tokens" if body.get("max_tokens") is not None else None
+        caps = [body["max_tokens"]] if body.get("max_tokens") is not None else []
         mult = max(body.get("n") or 1, body.get("best_of") or 1)  # best_of completions are generated and billed
-    client_cap = body[cap_field] if cap_field else None
+    # One cap: the smaller of the client's, sent upstream in the one field the upstream reads, as held.
+    client_cap = min(caps) if caps else None
+    prompt_tokens = hold_prompt(ticket, model, prompt_tokens, exact_prompt, mult)
     hold = ticket.take_hold(planner(model, prompt_tokens, mult, client_cap, extra_hold))
     headers = {}
     with ticket.settled_on_error():
@@ -122,8 +165,9 @@ def handle(ticket: Ticket, route: str, body: dict, heartbeat: float) -> Response
             headers = images.headers()
         up_body = dict(body)
         up_body["model"] = model.upstream_model
-        if client_cap is None:
-            up_body[upstream.max_tokens_field if route == "chat" else "max_tokens"] = hold.plan
+        up_body.pop("max_tokens", None)
+        up_body.pop("max_completion_tokens", None)
+        up_body[upstream.max_tokens_field if route == "chat" else "max_tokens"] = hold.plan
         path = "chat/completions" if route == "chat" else "completions"
         if not stream:
             return _plain(ticket, model, upstream, path, up_body, exact_prompt, headers)

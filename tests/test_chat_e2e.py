@@ -146,11 +146,11 @@ def test_output_cap_sent_when_client_names_none(gateway, fake_openai):
                                                    messages=[{"role": "user", "content": "hi [usage=1,1]"}])
     cap = fake_openai.requests[-1]["body"]["max_tokens"]
     assert 250 < cap < 312
-    # the client's own cap is left as it is
+    # the client's own cap is held and sent as it is, in the one field this upstream reads
     gateway.client(secret).chat.completions.create(model="gpt-test", max_completion_tokens=20,
                                                    messages=[{"role": "user", "content": "hi [usage=1,1]"}])
     sent = fake_openai.requests[-1]["body"]
-    assert sent["max_completion_tokens"] == 20 and "max_tokens" not in sent
+    assert sent["max_tokens"] == 20 and "max_completion_tokens" not in sent
 
 
 def test_bad_key_is_401(gateway):
