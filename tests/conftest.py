@@ -242,6 +242,14 @@ def make_gateway(gateway_config):
         gw.stop()
 
 
+@pytest.fixture(scope="session")
+def count_tokens(tmp_path_factory):
+    """tokens.count in the test process, from the BPE files shipped in the wheel (no network)."""
+    import tokens
+    tokens.seed_cache(str(tmp_path_factory.mktemp("tiktoken")))
+    return tokens.count
+
+
 @pytest.fixture
 def key(gateway):
     """A fresh funded key on the shared gateway: (id, secret)."""
