@@ -16,7 +16,6 @@ from flask import Flask, Response, g, request
 from flask_limiter import ApplicationLimit, Limiter, RateLimitExceeded
 from werkzeug.exceptions import HTTPException
 
-import billing
 import chat
 import cli
 import config as config_mod
@@ -62,9 +61,6 @@ def create_app(cfg: config_mod.Config | None = None) -> Flask:
     database = cfg.server.database
     db.init(database)
     tokens.seed_cache(os.path.join(os.path.dirname(database), ".tiktoken"))
-    released = billing.release_orphans(database, cfg.server.hold_ttl_seconds)
-    if released:
-        log.warning("returned %d hold(s) left by a process that is gone", released)
     for model in cfg.models.values():
         upstream = cfg.upstream_for(model)
         if upstream.api_key_env and not upstream.api_key():

@@ -1,7 +1,9 @@
 """Money: prices, holds, settlement, the ledger and its audit. Integer nano-credits only; no float touches money."""
 from __future__ import annotations
 
+import logging
 import os
+import socket
 import sqlite3
 import time
 from collections.abc import Callable
@@ -14,15 +16,79 @@ from config import NANO, ModelConfig
 from errors import InsufficientCredits
 
 MILLION = 1_000_000
+# The most tokens one usage report may claim for one side. No model reads or writes this many in one request;
+# a larger number is a broken upstream, and trusting it would turn into an absurd (or float-sized) charge.
+MAX_REPORTED_TOKENS = 100_000_000
+
+log = logging.getLogger("gateway.billing")
 
 
 def ceil_div(a: int, b: int) -> int:
     return -(-a // b)
 
 
-def token_cost(model: ModelConfig, prompt_tokens: int, completion_tokens: int) -> int:
-    """Exact cost in nano-credits, rounded up to a whole nano-credit."""
-    return ceil_div(prompt_tokens * model.input_npm + completion_tokens * model.output_npm, MILLION)
+@dataclass(frozen=True)
+class Usage:
+    """Token counts an upstream reported, after checking: cached is part of prompt, reasoning part of completion."""
+
+    prompt: int
+    completion: int
+    cached: int = 0
+    reasoning: int = 0
+
+
+def _tokens(value: Any) -> int | None:
+    """A reported token count, or None for anything but a non-negative integer within MAX_REPORTED_TOKENS."""
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= MAX_REPORTED_TOKENS:
+        return None
+    return value
+
+
+def _detail(obj: Any, field_name: str) -> int:
+    """An optional breakdown count; one that is missing or not a sane integer counts as 0 (never as a discount)."""
+    value = obj.get(field_name) if isinstance(obj, dict) else None
+    return _tokens(value) or 0
+
+
+def read_usage(obj: Any) -> Usage | None:
+    """The one place an upstream's usage report becomes numbers: OpenAI's `usage` or Gemini's `usageMetadata`.
+
+    None when the report is missing or not believable (negative, boolean, float, string, huge): the caller then
+    counts the delivered content instead and marks the row estimated. Cached tokens are clamped to the prompt,
+    so they can only ever lower the input price of tokens that were really sent.
+    """
+    if not isinstance(obj, dict):
+        return None
+    if "promptTokenCount" in obj:  # Gemini: thoughts are billed as output on top of the candidates
+        prompt = _tokens(obj.get("promptTokenCount"))
+        candidates = _tokens(obj.get("candidatesTokenCount", 0))
+        thoughts = _tokens(obj.get("thoughtsTokenCount", 0))
+        if prompt is None or candidates is None or thoughts is None:
+            return None
+        return Usage(prompt, candidates + thoughts, min(_detail(obj, "cachedContentTokenCount"), prompt), thoughts)
+    prompt = _tokens(obj.get("prompt_tokens"))
+    completion = _tokens(obj.get("completion_tokens"))
+    if prompt is None or completion is None:
+        return None
+    cached = min(_detail(obj.get("prompt_tokens_details"), "cached_tokens"), prompt)
+    reasoning = min(_detail(obj.get("completion_tokens_details"), "reasoning_tokens"), completion)
+    return Usage(prompt, completion, cached, reasoning)
+
+
+def token_cost(model: ModelConfig, prompt_tokens: int, completion_tokens: int, cached_tokens: int = 0) -> int:
+    """Exact cost in nano-credits, rounded up to a whole nano-credit; never negative.
+
+    cached_tokens are the part of prompt_tokens the upstream served from its cache, charged at the model's
+    cached input price (its input price when it has none).
+    """
+    prompt_tokens, completion_tokens = max(prompt_tokens, 0), max(completion_tokens, 0)
+    cached_tokens = min(max(cached_tokens, 0), prompt_tokens)
+    return ceil_div((prompt_tokens - cached_tokens) * model.input_npm + cached_tokens * model.cached_npm
+                    + completion_tokens * model.output_npm, MILLION)
+
+
+def usage_cost(model: ModelConfig, usage: Usage) -> int:
+    return token_cost(model, usage.prompt, usage.completion, usage.cached)
 
 
 def format_credits(nano: int) -> str:
@@ -89,9 +155,11 @@ def hold(path: str, key_id: int, request_id: str, planner: Callable[[int], tuple
         except InsufficientCredits as exc:
             raise _with_reserved(conn, key_id, exc) from None
         conn.execute("UPDATE api_keys SET balance = balance - ? WHERE id = ?", (amount, key_id))
+        host, boot, started = owner()
         cur = conn.execute(
-            "INSERT INTO holds(key_id, request_id, pid, amount, created_at) VALUES (?, ?, ?, ?, ?)",
-            (key_id, request_id, os.getpid(), amount, time.time()))
+            "INSERT INTO holds(key_id, request_id, pid, pid_started, host, boot_id, amount, created_at)"
+            " VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+            (key_id, request_id, os.getpid(), started, host, boot, amount, time.time()))
         return Hold(cur.lastrowid, key_id, request_id, amount, plan)
     return db.write(path, work)
 
@@ -108,15 +176,21 @@ def _with_reserved(conn: sqlite3.Connection, key_id: int, exc: InsufficientCredi
 
 
 def settle(path: str, h: Hold, charges: list[Charge]) -> int | None:
-    """Charge what the request really cost and return the rest of its hold; idempotent. Returns the new balance.
+    """Charge what the request really cost and return the rest of its hold. Returns the new balance, or None
+    when the hold was already settled or released (then nothing is written, so a retry is always safe).
 
     A cost above the hold is taken from the balance down to zero; what cannot be collected is recorded on the
     last usage row, so the balance never goes negative and no charge is lost from the books.
     """
+    for c in charges:
+        c.cost = max(c.cost, 0)  # a cost is never negative, whatever its inputs were
+
     def work(conn: sqlite3.Connection) -> int | None:
         now = time.time()
+        for c in charges:
+            c.uncollected = 0  # a retry after a rolled-back attempt starts over
         if conn.execute("DELETE FROM holds WHERE id = ?", (h.id,)).rowcount != 1:
-            return None  # already settled, or returned at start-up
+            return None  # already settled, or released
         total = sum(c.cost for c in charges)
         if total <= h.amount:
             (balance,) = conn.execute("UPDATE api_keys SET balance = balance + ? WHERE id = ? RETURNING balance",
@@ -141,6 +215,16 @@ def settle(path: str, h: Hold, charges: list[Charge]) -> int | None:
     return db.write(path, work)
 
 
+def release(path: str, h: Hold) -> bool:
+    """Return a whole hold to its key and write nothing else: the last resort when settle() keeps failing."""
+    def work(conn: sqlite3.Connection) -> bool:
+        if conn.execute("DELETE FROM holds WHERE id = ?", (h.id,)).rowcount != 1:
+            return False
+        conn.execute("UPDATE api_keys SET balance = balance + ? WHERE id = ?", (h.amount, h.key_id))
+        return True
+    return db.write(path, work)
+
+
 def fixed(amount: int, what: str, hint: str) -> Callable[[int], tuple[int, None]]:
     """A hold planner for a known price: the amount, or 402 saying what the key has and what `what` needs."""
     def plan(balance: int) -> tuple[int, None]:
@@ -151,14 +235,23 @@ def fixed(amount: int, what: str, hint: str) -> Callable[[int], tuple[int, None]
     return plan
 
 
-def release_orphans(path: str, ttl_seconds: float) -> int:
-    """Return holds whose worker process is gone (or that outlived any request) to their keys."""
+def release_orphans(path: str) -> int:
+    """Return to their keys the holds whose owning process is gone; run at worker start, never by the CLI.
+
+    A hold is an orphan only when it was taken on this host (same hostname) and its owner is provably gone: the
+    machine rebooted since (another boot_id), or no process has its pid, or the process with that pid started
+    at another time (the pid was reused), or it is a zombie. Holds of another host are never touched: its pids
+    say nothing here. Age alone never frees a hold, since a live stream may run for hours.
+    """
     def work(conn: sqlite3.Connection) -> int:
-        now = time.time()
-        rows = conn.execute("SELECT id, key_id, amount, pid, created_at FROM holds").fetchall()
+        host, boot, _ = owner()
+        rows = conn.execute("SELECT id, key_id, amount, pid, pid_started, host, boot_id FROM holds").fetchall()
         released = 0
-        for hold_id, key_id, amount, pid, created_at in rows:
-            if _alive(pid) and now - created_at < ttl_seconds:
+        for hold_id, key_id, amount, pid, started, hold_host, hold_boot in rows:
+            if hold_host is None:  # taken before holds recorded their owner: the pid is all there is
+                if _alive(pid, None):
+                    continue
+            elif hold_host != host or (hold_boot == boot and _alive(pid, started)):
                 continue
             conn.execute("DELETE FROM holds WHERE id = ?", (hold_id,))
             conn.execute("UPDATE api_keys SET balance = balance + ? WHERE id = ?", (amount, key_id))
@@ -167,22 +260,64 @@ def release_orphans(path: str, ttl_seconds: float) -> int:
     return db.write(path, work)
 
 
-def _alive(pid: int) -> bool:
-    """Whether the process that took a hold can still settle it (a zombie cannot)."""
-    if pid == os.getpid():
-        return True
+def stale_holds(conn: sqlite3.Connection, older_than: float) -> list[tuple[int, int, str, int, str, float]]:
+    """Holds open longer than any request can run: (id, key_id, request_id, pid, host, age in seconds)."""
+    now = time.time()
+    rows = conn.execute("SELECT id, key_id, request_id, pid, host, created_at FROM holds WHERE created_at < ?"
+                        " ORDER BY id", (now - older_than,)).fetchall()
+    return [(r[0], r[1], r[2], r[3], r[4] or "", now - r[5]) for r in rows]
+
+
+_owner: tuple[int, tuple[str, str, int]] | None = None
+
+
+def owner() -> tuple[str, str, int]:
+    """(hostname, boot_id, start time of this process in clock ticks since boot): who a hold belongs to."""
+    global _owner
+    pid = os.getpid()
+    if _owner is None or _owner[0] != pid:  # read once per process (a fork gets its own)
+        _owner = (pid, (socket.gethostname(), _read("/proc/sys/kernel/random/boot_id"), _start_time(pid)))
+    return _owner[1]
+
+
+def _read(path: str) -> str:
     try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
+        with open(path) as f:
+            return f.read().strip()
+    except OSError:
+        return ""
+
+
+def _stat(pid: int) -> list[bytes] | None:
+    """The fields of /proc/<pid>/stat after the command name (state first), or None when there is no such pid."""
     try:
         with open(f"/proc/{pid}/stat", "rb") as f:
-            state = f.read().rsplit(b")", 1)[1].split()[0]
-        return state not in (b"Z", b"X")
+            return f.read().rsplit(b")", 1)[1].split()
     except (OSError, IndexError):
+        return None
+
+
+def _start_time(pid: int) -> int:
+    fields = _stat(pid)
+    return int(fields[19]) if fields and len(fields) > 19 else 0  # field 22 of stat, counted from the pid
+
+
+def _alive(pid: int, started: int | None) -> bool:
+    """Whether the process that took a hold can still settle it: same pid, same start time, not a zombie."""
+    fields = _stat(pid)
+    if fields is None:
+        if os.path.isdir("/proc/self"):
+            return False
+        try:  # no /proc (not Linux): the pid alone is all there is to go on
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return False
+        except PermissionError:
+            pass
         return True
+    if fields[0] in (b"Z", b"X"):
+        return False
+    return not started or len(fields) <= 19 or int(fields[19]) == started
 
 
 def credit(conn: sqlite3.Connection, key_id: int, amount: int, kind: str) -> None:

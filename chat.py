@@ -182,32 +182,55 @@ def handle(ticket: Ticket, route: str, body: dict, heartbeat: float) -> Response
 def _plain(ticket: Ticket, model: ModelConfig, upstream: UpstreamConfig, path: str, up_body: dict,
            exact_prompt: Callable[[], int], headers: dict[str, str]) -> Response:
     doc = openai_provider.call(upstream, path, up_body)
-    if not isinstance(doc.get("choices"), list):
+    choices = doc.get("choices")
+    if not isinstance(choices, list):
         raise UpstreamError(f"The upstream '{upstream.name}' answered without 'choices'.")
-    usage = doc.get("usage")
-    if isinstance(usage, dict) and isinstance(usage.get("prompt_tokens"), int):
-        prompt, completion, estimated = usage["prompt_tokens"], int(usage.get("completion_tokens") or 0), False
-    else:
-        prompt, estimated = exact_prompt(), True
-        completion = sum(tokens.count(_choice_text(c)) for c in doc["choices"] if isinstance(c, dict))
-        usage = doc["usage"] = {"prompt_tokens": prompt, "completion_tokens": completion,
-                                "total_tokens": prompt + completion}
-    cost = billing.token_cost(model, prompt, completion)
-    ticket.add(cost, 200, prompt_tokens=prompt, completion_tokens=completion, estimated=estimated)
+    _check_choices(upstream, choices, "message")
+    usage = billing.read_usage(doc.get("usage"))
+    estimated = usage is None
+    if usage is None:  # none reported, or not believable: count what is delivered
+        usage = billing.Usage(exact_prompt(), sum(tokens.count(_choice_text(c)) for c in choices))
+        doc["usage"] = _usage_doc(usage)
+    ticket.add(billing.usage_cost(model, usage), 200, prompt_tokens=usage.prompt, completion_tokens=usage.completion,
+               estimated=estimated)
     charged = ticket.settle(200)
-    return Response(dumps_with_cost(doc, usage, charged), mimetype="application/json",
+    return Response(dumps_with_cost(doc, doc["usage"], charged), mimetype="application/json",
                     headers={**ticket.credit_headers(charged), **headers})
 
 
-def _choice_text(choice: dict) -> str:
+def _usage_doc(usage: billing.Usage) -> dict:
+    return {"prompt_tokens": usage.prompt, "completion_tokens": usage.completion,
+            "total_tokens": usage.prompt + usage.completion}
+
+
+def _check_choices(upstream: UpstreamConfig, choices: list, part: str) -> None:
+    """502 for choices an SDK could not read: each an object, its message (or delta) and tool calls objects."""
+    for choice in choices:
+        msg = choice.get(part) if isinstance(choice, dict) else None
+        calls = msg.get("tool_calls") if isinstance(msg, dict) else None
+        if (not isinstance(choice, dict) or (msg is not None and not isinstance(msg, dict))
+                or (calls is not None and not isinstance(calls, list))
+                or any(not isinstance(c, dict) or not isinstance(c.get("function") or {}, dict)
+                       for c in calls or ())):
+            raise UpstreamError(f"The upstream '{upstream.name}' sent a malformed choice: each choice, its "
+                                f"'{part}' and its 'tool_calls' must be JSON objects.")
+
+
+def _choice_text(choice: Any) -> str:
     """The text a choice (or a stream delta) carries, for counting tokens the upstream did not report."""
+    if not isinstance(choice, dict):
+        return ""
     if "text" in choice:
         return str(choice.get("text") or "")
     msg = choice.get("message") or choice.get("delta") or {}
+    if not isinstance(msg, dict):
+        return ""
     text = str(msg.get("content") or "") + str(msg.get("refusal") or "")
-    for call in msg.get("tool_calls") or []:
-        fn = call.get("function") or {}
-        text += str(fn.get("name") or "") + str(fn.get("arguments") or "")
+    calls = msg.get("tool_calls")
+    for call in calls if isinstance(calls, list) else ():
+        fn = call.get("function") if isinstance(call, dict) else None
+        if isinstance(fn, dict):
+            text += str(fn.get("name") or "") + str(fn.get("arguments") or "")
     return text
 
 
@@ -215,15 +238,19 @@ class Relay:
     """Relays an upstream SSE stream to the client with heartbeats, and settles whatever way it ends.
 
     A reader greenlet fills a queue so the client side can send `: ping` while the upstream is silent; that
-    write is how a vanished client is noticed (RUNTIME.md 2.2).
+    write is how a vanished client is noticed. Usage reports are held back: the client's usage chunk is
+    written after settlement, with the cost really charged, just before `[DONE]`.
     """
 
     def __init__(self, ticket: Ticket, model: ModelConfig, upstream: UpstreamConfig, resp: Any,
                  exact_prompt: Callable[[], int], client_usage: bool, heartbeat: float) -> None:
         self.ticket, self.model, self.upstream, self.resp = ticket, model, upstream, resp
         self.exact_prompt, self.client_usage, self.heartbeat = exact_prompt, client_usage, heartbeat
-        self.usage: dict | None = None
-        self.delivered: list[bytes] = []
+        self.usage: billing.Usage | None = None  # the upstream's report, once one was believable
+        self.usage_doc: dict | None = None       # that report as the upstream wrote it
+        self.charged_usage: billing.Usage | None = None  # what settlement charged tokens for
+        self.template: dict | None = None        # id, object, created, model of the stream's events
+        self.delivered: dict[int, list[str]] = {}  # text written to the client, per choice index
 
     def _read(self, queue: Queue) -> None:
         try:
@@ -238,8 +265,8 @@ class Relay:
         except Exception:  # the reader must always wake the relay
             queue.put(UpstreamError(f"The upstream '{self.upstream.name}' broke off the stream."))
 
-    def _event(self, data: bytes) -> bytes | None:
-        """One upstream event as bytes for the client, or None to drop it; notes usage and upstream errors.
+    def _event(self, data: bytes) -> tuple[bytes, list] | None:
+        """One upstream event as (bytes for the client, its choices), or None to drop it; notes usage and errors.
 
         Every event is parsed (a few microseconds) so a malformed one ends the stream with an error event
         instead of reaching the client's SDK; it is re-serialized only when the gateway changes it.
@@ -253,18 +280,33 @@ class Relay:
         if obj.get("error") is not None:
             err = obj["error"] if isinstance(obj["error"], dict) else {}
             raise UpstreamError(str(err.get("message") or "The upstream failed mid-stream."))
-        usage = obj.get("usage")
-        if isinstance(usage, dict) and isinstance(usage.get("prompt_tokens"), int):
-            self.usage = usage
-            if self.client_usage:
-                cost = billing.token_cost(self.model, usage["prompt_tokens"], int(usage.get("completion_tokens") or 0))
-                cost += sum(c.cost for c in self.ticket.charges)  # vision bridge calls, charged before the stream
-                return b"data: " + dumps_with_cost(obj, usage, cost).encode() + b"\n\n"
-            if not obj.get("choices"):
-                return None
-            del obj["usage"]
-            return b"data: " + json.dumps(obj, separators=(",", ":")).encode() + b"\n\n"
-        return b"data: " + data + b"\n\n"
+        choices = obj.get("choices")
+        if choices is not None and not isinstance(choices, list):
+            raise UpstreamError(f"The upstream '{self.upstream.name}' sent an event whose 'choices' is not an array.")
+        _check_choices(self.upstream, choices or [], "delta")
+        if self.template is None:
+            self.template = {k: obj[k] for k in ("id", "object", "created", "model", "system_fingerprint")
+                             if k in obj}
+        if obj.get("usage") is None:
+            return b"data: " + data + b"\n\n", choices or []
+        usage = billing.read_usage(obj["usage"])
+        if usage is not None:
+            self.usage, self.usage_doc = usage, obj["usage"]
+        del obj["usage"]  # the client's usage chunk is written at the end, after settlement
+        if not choices:
+            return None
+        return b"data: " + json.dumps(obj, separators=(",", ":")).encode() + b"\n\n", choices
+
+    def _usage_chunk(self) -> bytes:
+        """The client's usage chunk: the upstream's report (or the gateway's count) and the cost charged."""
+        if self.charged_usage is None:
+            return b""
+        doc = dict(self.template or {"object": "chat.completion.chunk", "model": self.model.id})
+        usage = dict(self.usage_doc) if self.usage_doc is not None and self.usage == self.charged_usage \
+            else _usage_doc(self.charged_usage)
+        doc["choices"] = []
+        doc["usage"] = usage
+        return b"data: " + dumps_with_cost(doc, usage, self.ticket.charged).encode() + b"\n\n"
 
     def run(self) -> Iterator[bytes]:
         queue: Queue = Queue()
@@ -282,7 +324,7 @@ class Relay:
                     wait, idle = self.heartbeat, b": ping\n\n"
                     continue
                 wait, idle = self.heartbeat, b": ping\n\n"
-                batch, items, done, failed = [], [], False, None
+                batch, sent, done, failed = [], [], False, None
                 while True:  # drain what has arrived, so a burst of events costs one write
                     if item is _EOF:
                         done = True
@@ -296,50 +338,58 @@ class Relay:
                         failed = exc
                         break
                     if out is not None:
-                        batch.append(out)
-                        items.append(item)
+                        batch.append(out[0])
+                        sent.append(out[1])
                     if queue.empty():
                         break
                     item = queue.get()
                 if done:
-                    # Settle before the client sees the end, so a balance read after [DONE] is already current.
-                    self.delivered += items
+                    # Settle before the client sees the end, so a balance read after [DONE] is already current
+                    # and the usage chunk shows what was really charged.
+                    self._note(sent)
                     self._settle(200)
-                    yield b"".join(batch) + b"data: [DONE]\n\n"
+                    status = 200
+                    yield b"".join(batch) + (self._usage_chunk() if self.client_usage else b"") + b"data: [DONE]\n\n"
                     break
                 if batch:
                     yield b"".join(batch)
-                    self.delivered += items  # only once the write went through: a vanished client raises above
+                    self._note(sent)  # only once the write went through: a vanished client raises above
                 if failed is not None:
                     raise failed
         except GatewayError as exc:
             status = exc.status
-            yield b"data: " + json.dumps(exc.body(), separators=(",", ":")).encode() + b"\n\n"
+            self._settle(status)  # what was delivered is charged; the client still gets the error
+            tail = self._usage_chunk() if self.client_usage else b""
+            yield tail + b"data: " + json.dumps(exc.body(), separators=(",", ":")).encode() + b"\n\n"
         finally:
             reader.kill(block=True, timeout=2)
             self.resp.close()
             self._settle(status)
 
+    def _note(self, sent: list[list]) -> None:
+        for choices in sent:
+            for choice in choices:
+                index = choice.get("index") if isinstance(choice.get("index"), int) else 0
+                text = _choice_text(choice)
+                if text:
+                    self.delivered.setdefault(index, []).append(text)
+
     def _settle(self, status: int) -> None:
+        """Charge the reported usage when a believable report arrived, else the tokens counted as delivered.
+
+        However the stream ended (finished, cut, timed out, client gone): what reached the client is paid for.
+        An upstream that failed before delivering anything costs nothing.
+        """
         if self.ticket.settled:
             return
-        if status >= 500:
-            self.ticket.settle(status)  # a failed upstream call costs nothing
-            return
-        if self.usage is not None:
-            prompt = self.usage["prompt_tokens"]
-            completion = int(self.usage.get("completion_tokens") or 0)
-            estimated = False
-        else:
-            prompt, estimated = self.exact_prompt(), True
-            completion = 0
-            for data in self.delivered:
-                try:
-                    obj = json.loads(data)
-                except ValueError:
-                    continue
-                for choice in obj.get("choices") or []:
-                    completion += tokens.count(_choice_text(choice))
-        cost = billing.token_cost(self.model, prompt, completion)
-        self.ticket.add(cost, status, prompt_tokens=prompt, completion_tokens=completion, estimated=estimated)
+        usage, estimated = self.usage, False
+        if usage is None:
+            completion = sum(tokens.count("".join(parts)) for parts in self.delivered.values())
+            if status >= 500 and completion == 0:
+                self.ticket.settle(status)
+                return
+            usage, estimated = billing.Usage(self.exact_prompt(), completion), True
+        self.charged_usage = usage
+        self.ticket.add(billing.usage_cost(self.model, usage), status, prompt_tokens=usage.prompt,
+                        completion_tokens=usage.completion, estimated=estimated)
         self.ticket.settle(status)

@@ -27,7 +27,8 @@ class ServerConfig:
     max_body_bytes: int = 20 * 1024 * 1024
     # Streams send an SSE comment this often while the upstream is silent, so a vanished client is noticed.
     heartbeat_seconds: float = 10.0
-    # A hold older than this at start-up belongs to a dead process and is returned to its key.
+    # The longest a request can hold credits; `flask audit` lists holds older than this. Never shorter than the
+    # longest upstream timeout. Age alone returns no hold: only the death of the process that took it does.
     hold_ttl_seconds: int = 3600
 
 
@@ -67,6 +68,7 @@ class ModelConfig:
     mode: str = "chat"
     input_price: Decimal = Decimal(0)   # credits per million input tokens
     output_price: Decimal = Decimal(0)  # credits per million output tokens
+    cached_input_price: Decimal | None = None  # per million prompt tokens served from the upstream's cache
     per_image: Decimal = Decimal(0)     # credits per image
     per_second: Decimal = Decimal(0)    # credits per second of audio
     vision: bool = False
@@ -75,6 +77,7 @@ class ModelConfig:
     # Prices in integer nano-credits, computed once: per million tokens, per image, per second.
     input_npm: int = field(init=False, repr=False)
     output_npm: int = field(init=False, repr=False)
+    cached_npm: int = field(init=False, repr=False)  # the input price when no cached price is set
     image_nano: int = field(init=False, repr=False)
     second_nano: int = field(init=False, repr=False)
 
@@ -82,6 +85,8 @@ class ModelConfig:
         for name, price in (("input_npm", self.input_price), ("output_npm", self.output_price),
                             ("image_nano", self.per_image), ("second_nano", self.per_second)):
             object.__setattr__(self, name, int(price * NANO))  # exact: config allows at most 9 decimals
+        cached = self.input_price if self.cached_input_price is None else self.cached_input_price
+        object.__setattr__(self, "cached_npm", int(cached * NANO))
 
 
 @dataclass(frozen=True)
@@ -218,6 +223,10 @@ def parse(raw: dict, path: str = "") -> Config:
         music=_build(MusicConfig, "[music]", raw.get("music", {})),
         path=path,
     )
+    longest = max((u.timeout_seconds for u in upstreams.values()), default=0)
+    if cfg.server.hold_ttl_seconds < longest:
+        raise ConfigError(f"[server].hold_ttl_seconds ({cfg.server.hold_ttl_seconds}) must be at least the longest "
+                          f"upstream timeout_seconds ({longest:g}); raise it.")
     if cfg.limits.strategy not in ("fixed-window", "moving-window", "sliding-window-counter"):
         raise ConfigError("[limits].strategy must be fixed-window, moving-window or sliding-window-counter.")
     bridge = cfg.vision.bridge_model

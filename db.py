@@ -87,8 +87,35 @@ def init(path: str) -> None:
     try:
         conn.execute("PRAGMA busy_timeout=10000")
         conn.executescript(SCHEMA.read_text())  # sets WAL, which is persistent in the file
+        migrate(conn)
     finally:
         conn.close()
+
+
+# Columns added to tables of an existing database, in order; schema.sql creates new databases with them.
+_MIGRATIONS: list[tuple[int, str, str, str]] = [
+    (2, "holds", "pid_started", "INTEGER"),
+    (2, "holds", "host", "TEXT"),
+    (2, "holds", "boot_id", "TEXT"),
+]
+SCHEMA_VERSION = 2
+
+
+def migrate(conn: sqlite3.Connection) -> None:
+    """Bring a database made by an older release up to SCHEMA_VERSION (each step idempotent)."""
+    if conn.execute("PRAGMA user_version").fetchone()[0] >= SCHEMA_VERSION:
+        return
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        for _, table, column, kind in _MIGRATIONS:
+            have = {row[1] for row in conn.execute(f"PRAGMA table_info({table})")}
+            if column not in have:
+                conn.execute(f"ALTER TABLE {table} ADD COLUMN {column} {kind}")
+        conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+        conn.execute("COMMIT")
+    except BaseException:
+        conn.execute("ROLLBACK")
+        raise
 
 
 def _locked(exc: sqlite3.OperationalError) -> bool:

@@ -48,3 +48,15 @@ def on_starting(server):
     want = min(hard, max(soft, 2 * worker_connections + 256))  # each relayed stream holds two sockets
     if want > soft:
         resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
+
+
+def post_worker_init(worker):
+    """Return the holds of processes that are gone. Only here, at a worker's start: `flask ...` commands and a bare
+    `import app` must never release anything, since the holds they would see belong to live workers."""
+    import logging
+
+    import billing
+
+    released = billing.release_orphans(worker.wsgi.config["GATEWAY"].server.database)
+    if released:
+        logging.getLogger("gateway").warning("returned %d hold(s) left by a process that is gone", released)

@@ -9,6 +9,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
+import gevent
+
 import billing
 from config import Config
 from errors import GatewayError
@@ -17,6 +19,8 @@ from keys import ApiKey
 log = logging.getLogger("gateway.request")
 _COST = "\x00cost\x00"
 _COST_JSON = json.dumps(_COST)
+SETTLE_ATTEMPTS = 3
+SETTLE_RETRY_SECONDS = 0.05
 
 
 def dumps_with_cost(doc: Any, usage: dict | None, nano: int) -> str:
@@ -41,6 +45,7 @@ class Ticket:
     charges: list[billing.Charge] = field(default_factory=list)
     balance: int | None = None
     settled: bool = False
+    charged: int = 0
 
     def take_hold(self, planner: Any) -> billing.Hold:
         self.hold = billing.hold(self.cfg.server.database, self.key.id, self.request_id, planner)
@@ -59,20 +64,49 @@ class Ticket:
         return charge
 
     def settle(self, status: int) -> int:
-        """Write the charges (a failed request with none records one free row) and return the cost charged."""
+        """Write the charges (a failed request with none records one free row) and return the cost charged.
+
+        Marked settled only once the books say so. A settlement that keeps failing is retried, then the whole
+        hold is returned with nothing charged; only if even that fails does the hold stay open, and then the
+        log says so (the next worker start returns it, and `flask audit` lists it).
+        """
         if self.settled or self.hold is None:
-            return 0
-        self.settled = True
+            return self.charged
         if not any(c.request_id == self.request_id for c in self.charges):
             self.add(0, status)
-        self.balance = billing.settle(self.cfg.server.database, self.hold, self.charges)
+        database = self.cfg.server.database
+        for attempt in range(SETTLE_ATTEMPTS):
+            try:
+                self.balance = billing.settle(database, self.hold, self.charges)
+                break
+            except Exception as exc:  # sqlite3.Error, a full disk, ...: the transaction was rolled back
+                log.error("request_id=%s settlement attempt %d failed: %s", self.request_id, attempt + 1, exc)
+                if attempt + 1 < SETTLE_ATTEMPTS:
+                    gevent.sleep(SETTLE_RETRY_SECONDS * (attempt + 1))
+        else:
+            self.settled = True
+            self.charged = 0
+            try:
+                returned = billing.release(database, self.hold)
+            except Exception as exc:
+                log.error("request_id=%s hold %s stays open (%s): it is returned when this worker is gone, and "
+                          "`flask audit` lists it", self.request_id, self.hold.id, exc)
+                return 0
+            log.error("request_id=%s could not be settled; its hold %s was %s and nothing was charged",
+                      self.request_id, self.hold.id, "returned" if returned else "already gone")
+            return 0
+        self.settled = True
+        if self.balance is None:  # the hold was already gone: nothing was written, so nothing was charged
+            log.error("request_id=%s found its hold %s already returned; nothing was charged",
+                      self.request_id, self.hold.id)
+            return 0
         main = self.charges[-1]
-        charged = sum(c.cost - c.uncollected for c in self.charges)
+        self.charged = sum(c.cost - c.uncollected for c in self.charges)
         log.info("request_id=%s key=%s route=%s model=%s status=%s prompt_tokens=%s completion_tokens=%s "
                  "units=%s cost=%s uncollected=%s latency_ms=%s", self.request_id, self.key.prefix, self.route,
                  self.model, status, main.prompt_tokens, main.completion_tokens, main.units,
-                 billing.format_credits(charged), billing.format_credits(main.uncollected), main.latency_ms)
-        return charged
+                 billing.format_credits(self.charged), billing.format_credits(main.uncollected), main.latency_ms)
+        return self.charged
 
     @contextmanager
     def settled_on_error(self) -> Iterator[None]:
@@ -87,7 +121,7 @@ class Ticket:
             raise
 
     def credit_headers(self, charged: int) -> dict[str, str]:
-        headers = {"x-credits-charged": billing.format_credits(charged)}
+        headers = {"x-credits-charged": billing.format_credits(max(charged, 0))}
         if self.balance is not None:
             headers["x-credits-remaining"] = billing.format_credits(self.balance)
         return headers

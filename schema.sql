@@ -22,6 +22,9 @@ CREATE TABLE IF NOT EXISTS holds (
     key_id      INTEGER NOT NULL REFERENCES api_keys(id),
     request_id  TEXT    NOT NULL,
     pid         INTEGER NOT NULL,                 -- the worker that owns it; a dead owner's hold is returned
+    pid_started INTEGER,                          -- its start time (/proc/<pid>/stat field 22): a reused pid differs
+    host        TEXT,                             -- its hostname: holds of another host are never judged by pid
+    boot_id     TEXT,                             -- its kernel's boot id: a reboot since means the owner is gone
     amount      INTEGER NOT NULL CHECK (amount >= 0),
     created_at  REAL    NOT NULL
 );
@@ -66,4 +69,4 @@ CREATE TABLE IF NOT EXISTS vision_cache (
     PRIMARY KEY (image_hash, model)
 );
 
-PRAGMA user_version = 1;
+-- Columns added after a release are added to existing databases by db.migrate(); user_version says how far.

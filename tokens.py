@@ -18,6 +18,8 @@ import os
 from collections.abc import Callable
 from typing import Any
 
+from errors import InvalidRequest
+
 ENCODING = "o200k_base"
 _URL = "https://openaipublic.blob.core.windows.net/encodings/{}.tiktoken"
 # Past this many characters, counting would hold the event loop for milliseconds; estimate instead.
@@ -25,6 +27,7 @@ _EXACT_LIMIT = 200_000
 PER_MESSAGE = 3
 REPLY_PRIMING = 3
 PER_IMAGE = 1105  # a 1024x1024 image at high detail
+MAX_PROMPT_DEPTH = 2  # arrays of arrays of token ids
 
 _encoding = None
 
@@ -43,9 +46,14 @@ def seed_cache(cache_dir: str) -> None:
             os.replace(tmp, dst)
 
 
+def _utf8_len(text: str) -> int:
+    # surrogatepass: JSON may carry a lone surrogate ("\ud800"), which strict UTF-8 refuses to encode.
+    return len(text.encode("utf-8", "surrogatepass"))
+
+
 def estimate(text: str) -> int:
     """A quick upper-ish bound on the tokens in text, for holds."""
-    return (len(text.encode()) + 2) // 3
+    return (_utf8_len(text) + 2) // 3
 
 
 def count(text: str) -> int:
@@ -54,11 +62,14 @@ def count(text: str) -> int:
     if not text:
         return 0
     if len(text) > _EXACT_LIMIT:
-        return len(text.encode()) // 3
+        return _utf8_len(text) // 3
     if _encoding is None:
         import tiktoken
         _encoding = tiktoken.get_encoding(ENCODING)
-    return len(_encoding.encode_ordinary(text))
+    try:
+        return len(_encoding.encode_ordinary(text))
+    except UnicodeError:  # a lone surrogate: count it as the replacement character it would be sent as
+        return len(_encoding.encode_ordinary(text.encode("utf-8", "replace").decode()))
 
 
 def _content_tokens(content: Any, measure: Callable[[str], int]) -> int:
@@ -97,9 +108,26 @@ def chat_prompt(body: dict, exact: bool = False) -> int:
 
 
 def completion_prompt(prompt: Any, exact: bool = False) -> int:
-    """A legacy completion's prompt tokens (string, strings, token ids or lists of them)."""
-    if isinstance(prompt, str):
-        return count(prompt) if exact else estimate(prompt)
-    if isinstance(prompt, list):
-        return sum(1 if isinstance(p, int) else completion_prompt(p, exact) for p in prompt)
-    return 0
+    """A legacy completion's prompt tokens (string, strings, token ids or lists of them).
+
+    OpenAI's prompt nests at most two arrays deep (arrays of arrays of token ids); deeper nesting is refused
+    with a 400 here, before anything is held, instead of recursing (and failing again when sent upstream).
+    """
+    measure = count if exact else estimate
+    total = 0
+    stack = [(prompt, 0)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, str):
+            total += measure(item)
+        elif isinstance(item, bool):
+            continue
+        elif isinstance(item, int):
+            total += 1
+        elif isinstance(item, list):
+            if depth >= MAX_PROMPT_DEPTH:
+                raise InvalidRequest("'prompt' must be a string, an array of strings or token ids, or an array of "
+                                     "arrays of token ids; it is nested deeper.", param="prompt",
+                                     code="invalid_type")
+            stack.extend((p, depth + 1) for p in item)
+    return total

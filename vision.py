@@ -119,8 +119,9 @@ class VisionPlan:
             if isinstance(result, GatewayError):
                 failure = failure or (ref, result)
                 continue
-            text, prompt, completion, estimated = result
-            cost = billing.token_cost(bridge, prompt, completion)
+            text, usage, estimated = result
+            prompt, completion = usage.prompt, usage.completion
+            cost = billing.usage_cost(bridge, usage)
             bridge_id = "req_" + os.urandom(12).hex()
             ticket.add(cost, 200, model=bridge.id, prompt_tokens=prompt, completion_tokens=completion,
                        estimated=estimated, request_id=bridge_id, parent=ticket.request_id)
@@ -266,8 +267,8 @@ def _bridge_estimate(bridge: ModelConfig, upstream: UpstreamConfig) -> int:
 
 
 def _bridge_call(bridge: ModelConfig, upstream: UpstreamConfig,
-                 ref: ImageRef) -> tuple[str, int, int, bool] | GatewayError:
-    """(description, prompt tokens, completion tokens, estimated) from one bridge call, or the error it met."""
+                 ref: ImageRef) -> tuple[str, billing.Usage, bool] | GatewayError:
+    """(description, its usage, whether that was estimated) from one bridge call, or the error it met."""
     body = _bridge_body(upstream, bridge, ref.data_url())
     try:
         doc = openai_provider.call(upstream, "chat/completions", body)
@@ -279,10 +280,10 @@ def _bridge_call(bridge: ModelConfig, upstream: UpstreamConfig,
         text = None
     if not isinstance(text, str) or not text.strip():
         return UpstreamError(f"The upstream '{upstream.name}' answered without a description.")
-    usage = doc.get("usage")
-    if isinstance(usage, dict) and isinstance(usage.get("prompt_tokens"), int):
-        return text.strip(), usage["prompt_tokens"], int(usage.get("completion_tokens") or 0), False
-    return text.strip(), tokens.chat_prompt({"messages": body["messages"]}), tokens.count(text), True
+    usage = billing.read_usage(doc.get("usage"))
+    if usage is not None:
+        return text.strip(), usage, False
+    return text.strip(), billing.Usage(tokens.chat_prompt({"messages": body["messages"]}), tokens.count(text)), True
 
 
 def _store(cfg: Config, model_id: str, fresh: dict[str, str]) -> None:

@@ -82,7 +82,8 @@ def base_config(tmp: Path, openai_url: str, gemini_url: str, lyria_url: str) -> 
         },
         "models": {
             "gpt-test": {"upstream": "fake", "upstream_model": "gpt-4.1-mini", "input_price": Raw("0.40"),
-                         "output_price": Raw("1.60"), "vision": True, "max_output_tokens": 1000},
+                         "output_price": Raw("1.60"), "cached_input_price": Raw("0.10"), "vision": True,
+                         "max_output_tokens": 1000},
             "gpt-text": {"upstream": "fake", "input_price": Raw("0.50"), "output_price": Raw("1.50"),
                          "max_output_tokens": 1000},
             "gemini-test": {"upstream": "fake-gemini-openai", "input_price": Raw("0.30"),
@@ -240,6 +241,14 @@ def make_gateway(gateway_config):
     yield make
     for gw in started:
         gw.stop()
+
+
+@pytest.fixture(scope="session")
+def count_tokens(tmp_path_factory):
+    """tokens.count in the test process, from the BPE files shipped in the wheel (no network)."""
+    import tokens
+    tokens.seed_cache(str(tmp_path_factory.mktemp("tiktoken")))
+    return tokens.count
 
 
 @pytest.fixture

@@ -10,6 +10,12 @@ Behaviour is chosen by magic words in the last message (or the prompt):
   [midstream-error]  stream one chunk, then a data: {"error": ...} event
   [usage-in-last]    put usage on the finish chunk instead of a separate choices: [] chunk
   [badjson]     answer 200 with a body that is not JSON
+  [usage=P,C] also takes any JSON literal for P and C, as a broken upstream might send: [usage=-5,true],
+                [usage=1e30,2], [usage="12",3], [usage=Infinity,1], [usage=null,4]
+  [cached=N]    report N of the prompt tokens as cached (prompt_tokens_details.cached_tokens; any JSON literal)
+  [nodone]      stream the usage chunk, then end the response cleanly without data: [DONE]
+  [bad-choice] [bad-message] [bad-toolcalls] [bad-choices]  a choice that is not an object, a message (or
+                delta) that is not an object, tool_calls that is not an array, choices that is not an array
 Hold tests:
   [wait=S]      sleep S seconds before a non-streamed answer (so parallel requests overlap)
   [usage=tiktoken]  report the prompt's tokens as OpenAI counts them (o200k_base, 3 per message + 3), 1 completion
@@ -127,9 +133,31 @@ class _Handler(BaseHTTPRequestHandler):
             return None
         if "[usage=tiktoken]" in text:
             return _tiktoken_usage(self.last_body)
-        m = re.search(r"\[usage=(\d+),(\d+)\]", text)
-        p, c = (int(m.group(1)), int(m.group(2))) if m else (11, completion)
-        return {"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c}
+        m = re.search(r"\[usage=([^,\]]+),([^\]]+)\]", text.replace('\\"', '"'))
+        p, c = (json.loads(m.group(1)), json.loads(m.group(2))) if m else (11, completion)
+        try:
+            total = p + c
+        except TypeError:
+            total = None
+        usage = {"prompt_tokens": p, "completion_tokens": c, "total_tokens": total}
+        m = re.search(r"\[cached=([^\]]+)\]", text)
+        if m:
+            usage["prompt_tokens_details"] = {"cached_tokens": json.loads(m.group(1)), "audio_tokens": 0}
+        return usage
+
+    @staticmethod
+    def _spoil(text: str, doc: dict, part: str) -> None:
+        """Break a well-formed answer (or chunk) the way [bad-...] asks."""
+        if "[bad-choices]" in text:
+            doc["choices"] = {"0": doc["choices"]}
+        elif "[bad-choice]" in text:
+            doc["choices"] = ["not an object"]
+        elif "[bad-message]" in text:
+            for choice in doc["choices"]:
+                choice[part] = "not an object"
+        elif "[bad-toolcalls]" in text:
+            for choice in doc["choices"]:
+                choice.setdefault(part, {})["tool_calls"] = {"id": "call_1"}
 
     def _plain(self, body: dict, text: str, legacy: bool) -> None:
         n = body.get("n") or 1
@@ -145,6 +173,7 @@ class _Handler(BaseHTTPRequestHandler):
         usage = self._usage(text, 7)
         if usage:
             doc["usage"] = usage
+        self._spoil(text, doc, "message")
         self._json(200, doc)
 
     def _chunk(self, body: dict, legacy: bool, content: str | None, finish: str | None = None,
@@ -184,7 +213,10 @@ class _Handler(BaseHTTPRequestHandler):
             for i in range(count):
                 if delay:
                     time.sleep(delay)
-                event(self._chunk(body, legacy, f"tok{i} "))
+                chunk = self._chunk(body, legacy, f"tok{i} ")
+                if i == 1:
+                    self._spoil(text, chunk, "delta")
+                event(chunk)
                 if "[cut]" in text and i == 1:
                     self.wfile.flush()
                     self.close_connection = True
@@ -207,6 +239,9 @@ class _Handler(BaseHTTPRequestHandler):
                 trailer["choices"] = []
                 trailer["usage"] = usage
                 event(trailer)
+            if "[nodone]" in text:
+                self._write(b"")
+                return
             event(b"[DONE]")
             self._write(b"")
         except (BrokenPipeError, ConnectionResetError):

@@ -272,7 +272,7 @@ def test_missing_upstream_key_and_unreachable_upstream(gateway, key):
 
 
 @pytest.mark.parametrize("word", ["[cut]", "[malformed]", "[midstream-error]"])
-def test_broken_streams_end_with_an_error_event(gateway, word):
+def test_broken_streams_end_with_an_error_event(gateway, word, count_tokens):
     key_id, secret = gateway.create_key("1")
     stream = gateway.client(secret).chat.completions.create(
         model="gpt-test", stream=True, messages=[{"role": "user", "content": f"go {word}"}])
@@ -281,7 +281,14 @@ def test_broken_streams_end_with_an_error_event(gateway, word):
         for chunk in stream:
             got.append(chunk)
     assert got  # something was relayed before the failure
-    assert gateway.balance(key_id) == NANO  # a failed upstream call costs nothing
+    # What was delivered is charged, counted by the gateway (this reverses the old "a failed stream is free").
+    delivered = "".join(c.choices[0].delta.content or "" for c in got if c.choices)
+    assert delivered in ("tok0 ", "tok0 tok1 ")
+    [row] = gateway.usage(key_id)
+    assert row["status"] == 502 and row["estimated"] == 1
+    assert row["completion_tokens"] == count_tokens(delivered) > 0
+    assert row["cost"] == cost(row["prompt_tokens"], row["completion_tokens"]) > 0
+    assert gateway.balance(key_id) == NANO - row["cost"]
     assert gateway.open_holds(key_id) == 0
 
 

@@ -1,0 +1,384 @@
+"""Credits stay exact whatever an upstream reports: bad usage shapes, cached tokens, broken streams, settlement
+failures, and holds that belong to live processes."""
+from __future__ import annotations
+
+import json
+import os
+import sqlite3
+import threading
+import time
+from decimal import ROUND_CEILING, Decimal
+
+import pytest
+import requests
+
+import billing
+import config
+import db
+import keys
+import tokens
+from tests.conftest import Gateway
+from tests.fake_openai import REPLY
+
+NANO = 10**9
+STREAMED = "tok0 tok1 tok2 tok3 "  # what the fake streams by default (4 chunks)
+BAD_USAGE = ["[usage=-1000000000,-1000000000]", "[usage=true,5]", "[usage=1e30,5]", '[usage="12",3]',
+             "[usage=100000000000,1]", "[usage=Infinity,1]", "[usage=null,4]", "[usage=5,-1]", "[nousage]"]
+
+
+def cost(p: int, c: int, cached: int = 0, inp: str = "0.40", out: str = "1.60", cin: str = "0.10") -> int:
+    """Expected nano-credits, computed independently of billing.py (prices per million tokens)."""
+    exact = (Decimal(p - cached) * Decimal(inp) + Decimal(cached) * Decimal(cin) + Decimal(c) * Decimal(out)) \
+        / Decimal(10**6) * NANO
+    return int(exact.to_integral_value(rounding=ROUND_CEILING))
+
+
+def ledger(gw: Gateway, key_id: int) -> list[tuple[int, str]]:
+    conn = gw.db()
+    try:
+        return [tuple(r) for r in conn.execute("SELECT amount, kind FROM ledger WHERE key_id = ? ORDER BY id",
+                                               (key_id,))]
+    finally:
+        conn.close()
+
+
+def post(gw: Gateway, secret: str, body: dict) -> requests.Response:
+    return requests.post(f"{gw.base_url}/chat/completions", headers={"Authorization": f"Bearer {secret}"},
+                         json=body, timeout=30)
+
+
+def events(text: str) -> list[dict]:
+    return [json.loads(line[6:]) for line in text.splitlines() if line.startswith("data: {")]
+
+
+def assert_books(gw: Gateway, key_id: int, opening: int, charged: int) -> None:
+    assert gw.balance(key_id) == opening - charged
+    assert ledger(gw, key_id) == [(opening, "grant"), (-charged, "charge")]
+    assert gw.open_holds(key_id) == 0
+
+
+# --- pure functions -------------------------------------------------------------------------------------------
+
+def test_read_usage_trusts_only_sane_integers():
+    U = billing.Usage
+    assert billing.read_usage({"prompt_tokens": 10, "completion_tokens": 5}) == U(10, 5)
+    assert billing.read_usage({"prompt_tokens": 10, "completion_tokens": 5,
+                               "prompt_tokens_details": {"cached_tokens": 4},
+                               "completion_tokens_details": {"reasoning_tokens": 3}}) == U(10, 5, 4, 3)
+    # cached beyond the prompt is clamped; a cached count that is not a sane integer is no discount at all
+    assert billing.read_usage({"prompt_tokens": 10, "completion_tokens": 5,
+                               "prompt_tokens_details": {"cached_tokens": 99}}) == U(10, 5, 10)
+    for bad in (-3, True, 1.5, "4", None, 10**12):
+        assert billing.read_usage({"prompt_tokens": 10, "completion_tokens": 5,
+                                   "prompt_tokens_details": {"cached_tokens": bad}}) == U(10, 5)
+    for bad in (-1, True, False, 1.0, 1e30, float("inf"), float("nan"), "12", None, [], 10**11):
+        assert billing.read_usage({"prompt_tokens": bad, "completion_tokens": 5}) is None
+        assert billing.read_usage({"prompt_tokens": 5, "completion_tokens": bad}) is None
+        assert billing.read_usage({"promptTokenCount": bad, "candidatesTokenCount": 5}) is None
+    assert billing.read_usage({"prompt_tokens": 5}) is None
+    for bad in (None, [], "usage", 5):
+        assert billing.read_usage(bad) is None
+    # Gemini's usageMetadata: thoughts are output on top of the candidates
+    assert billing.read_usage({"promptTokenCount": 100, "candidatesTokenCount": 20, "thoughtsTokenCount": 30,
+                               "cachedContentTokenCount": 60, "totalTokenCount": 150}) == U(100, 50, 60, 30)
+    assert billing.read_usage({"promptTokenCount": 7}) == U(7, 0)
+
+
+def test_token_cost_prices_cached_tokens_and_is_never_negative():
+    raw = {"upstream": "u", "input_price": Decimal("0.40"), "output_price": Decimal("1.60")}
+    plain = config.ModelConfig(id="m", upstream_model="m", **raw)
+    cheap = config.ModelConfig(id="m", upstream_model="m", cached_input_price=Decimal("0.10"), **raw)
+    assert billing.token_cost(cheap, 1000, 10, 600) == cost(1000, 10, 600)
+    assert billing.token_cost(plain, 1000, 10, 600) == cost(1000, 10)  # no cached price: input price
+    assert billing.token_cost(cheap, 100, 0, 500) == cost(100, 0, 100)  # clamped to the prompt
+    assert billing.token_cost(cheap, -10**9, -10**9) == 0
+
+
+def test_completion_prompt_counts_without_recursion_and_refuses_deep_nesting(count_tokens):
+    assert tokens.completion_prompt([[1, 2, 3], [4]]) == 4
+    assert tokens.completion_prompt(["ab\ud800", [5]]) == tokens.estimate("ab\ud800") + 1
+    assert tokens.count("a\ud800b") > 0 and tokens.estimate("\ud800") == 1
+    deep: list = []
+    for _ in range(900):
+        deep = [deep]
+    with pytest.raises(Exception) as exc:
+        tokens.completion_prompt(deep)
+    assert exc.value.status == 400 and exc.value.param == "prompt"
+
+
+# --- usage an upstream reports ---------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("word", BAD_USAGE)
+def test_plain_answer_with_bad_usage_is_counted(gateway, count_tokens, word):
+    key_id, secret = gateway.create_key("1")
+    messages = [{"role": "user", "content": f"hi {word}"}]
+    r = post(gateway, secret, {"model": "gpt-test", "messages": messages})
+    assert r.status_code == 200, r.text
+    prompt, completion = tokens.chat_prompt({"messages": messages}, True), count_tokens(REPLY)
+    expected = cost(prompt, completion)
+    usage = r.json()["usage"]
+    assert (usage["prompt_tokens"], usage["completion_tokens"]) == (prompt, completion)
+    assert r.headers["x-credits-charged"] == billing.format_credits(expected) and expected > 0
+    [row] = gateway.usage(key_id)
+    assert (row["prompt_tokens"], row["completion_tokens"], row["estimated"], row["cost"], row["status"]) \
+        == (prompt, completion, 1, expected, 200)
+    assert_books(gateway, key_id, NANO, expected)
+
+
+@pytest.mark.parametrize("word", BAD_USAGE)
+def test_streamed_answer_with_bad_usage_is_counted(gateway, count_tokens, word):
+    key_id, secret = gateway.create_key("1")
+    messages = [{"role": "user", "content": f"hi {word}"}]
+    r = post(gateway, secret, {"model": "gpt-test", "messages": messages, "stream": True,
+                               "stream_options": {"include_usage": True}})
+    got = events(r.text)
+    assert r.text.rstrip().endswith("data: [DONE]")
+    assert "".join(e["choices"][0]["delta"].get("content") or "" for e in got if e["choices"]) == STREAMED
+    prompt, completion = tokens.chat_prompt({"messages": messages}, True), count_tokens(STREAMED)
+    expected = cost(prompt, completion)
+    usage = got[-1]["usage"]
+    assert got[-1]["choices"] == [] and all("usage" not in e for e in got[:-1])
+    assert (usage["prompt_tokens"], usage["completion_tokens"]) == (prompt, completion)
+    assert Decimal(json.loads(r.text.split("data: ")[-2])["usage"]["cost"].__str__()) == Decimal(expected) / NANO
+    [row] = gateway.usage(key_id)
+    assert (row["prompt_tokens"], row["completion_tokens"], row["estimated"], row["cost"], row["status"]) \
+        == (prompt, completion, 1, expected, 200)
+    assert_books(gateway, key_id, NANO, expected)
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_cached_prompt_tokens_are_charged_at_the_cached_price(gateway, stream):
+    for word, cached, model, expected in (
+            ("[usage=1000,10] [cached=600]", 600, "gpt-test", cost(1000, 10, 600)),
+            ("[usage=100,10] [cached=500]", 500, "gpt-test", cost(100, 10, 100)),   # clamped to the prompt
+            ("[usage=100,10] [cached=-50]", -50, "gpt-test", cost(100, 10)),        # untrusted: no discount
+            ("[usage=1000,10] [cached=600]", 600, "gpt-text", cost(1000, 10, inp="0.50", out="1.50"))):
+        key_id, secret = gateway.create_key("1")
+        body = {"model": model, "messages": [{"role": "user", "content": word}]}
+        if stream:
+            body.update(stream=True, stream_options={"include_usage": True})
+        r = post(gateway, secret, body)
+        assert r.status_code == 200
+        usage = events(r.text)[-1]["usage"] if stream else r.json()["usage"]
+        assert usage["prompt_tokens_details"]["cached_tokens"] == cached  # relayed as the upstream wrote it
+        assert Decimal(str(usage["cost"])) == Decimal(expected) / NANO
+        [row] = gateway.usage(key_id)
+        assert row["cost"] == expected and row["estimated"] == 0
+        assert_books(gateway, key_id, NANO, expected)
+
+
+# --- broken streams and the usage chunk --------------------------------------------------------------------------
+
+@pytest.mark.parametrize("client_usage", [False, True])
+def test_stream_with_usage_but_no_done_is_charged_the_reported_usage(gateway, client_usage):
+    key_id, secret = gateway.create_key("1")
+    body = {"model": "gpt-test", "stream": True, "messages": [{"role": "user", "content": "x [usage=100,50] [nodone]"}]}
+    if client_usage:
+        body["stream_options"] = {"include_usage": True}
+    r = post(gateway, secret, body)
+    got = events(r.text)
+    assert "[DONE]" not in r.text
+    assert got[-1]["error"]["code"] == "upstream_error"  # the client still learns the stream broke
+    if client_usage:
+        assert got[-2]["usage"]["completion_tokens"] == 50
+        assert Decimal(str(got[-2]["usage"]["cost"])) == Decimal(cost(100, 50)) / NANO
+    [row] = gateway.usage(key_id)
+    assert (row["status"], row["estimated"], row["prompt_tokens"], row["completion_tokens"], row["cost"]) \
+        == (502, 0, 100, 50, cost(100, 50))
+    assert_books(gateway, key_id, NANO, cost(100, 50))
+
+
+def test_usage_chunk_shows_the_cost_actually_charged(gateway):
+    """1000 output tokens cost 0.0016 but the key has 0.0002: the chunk says 0.0002, the uncollected is recorded."""
+    key_id, secret = gateway.create_key("0.0002")
+    r = post(gateway, secret, {"model": "gpt-test", "stream": True, "max_tokens": 10,
+                               "stream_options": {"include_usage": True},
+                               "messages": [{"role": "user", "content": "x [usage=10,1000]"}]})
+    usage = events(r.text)[-1]["usage"]
+    assert Decimal(str(usage["cost"])) == Decimal("0.0002")
+    [row] = gateway.usage(key_id)
+    assert row["cost"] == cost(10, 1000) and row["uncollected"] == cost(10, 1000) - 200_000
+    assert gateway.balance(key_id) == 0 and gateway.open_holds(key_id) == 0
+    assert ledger(gateway, key_id) == [(200_000, "grant"), (-200_000, "charge")]
+
+
+# --- malformed answers and hostile input ------------------------------------------------------------------------
+
+@pytest.mark.parametrize("word", ["[bad-choice]", "[bad-message]", "[bad-toolcalls]", "[bad-choices]"])
+@pytest.mark.parametrize("usage", ["[nousage]", "[usage=5,5]", "[usage=\"x\",5]"])
+def test_malformed_plain_choices_are_502_and_free(gateway, word, usage):
+    key_id, secret = gateway.create_key("1")
+    r = post(gateway, secret, {"model": "gpt-test", "messages": [{"role": "user", "content": f"{word} {usage}"}]})
+    assert r.status_code == 502, r.text
+    assert r.json()["error"]["type"] == "api_error" and "upstream" in r.json()["error"]["message"]
+    [row] = gateway.usage(key_id)
+    assert row["status"] == 502 and row["cost"] == 0
+    assert gateway.balance(key_id) == NANO and ledger(gateway, key_id) == [(NANO, "grant"), (0, "charge")]
+    assert gateway.open_holds(key_id) == 0
+
+
+@pytest.mark.parametrize("word", ["[bad-choice]", "[bad-message]", "[bad-toolcalls]", "[bad-choices]"])
+def test_malformed_stream_chunk_ends_the_stream_and_charges_what_was_delivered(gateway, count_tokens, word):
+    key_id, secret = gateway.create_key("1")
+    messages = [{"role": "user", "content": f"x {word} [nousage]"}]
+    r = post(gateway, secret, {"model": "gpt-test", "stream": True, "messages": messages})
+    got = events(r.text)
+    assert got[-1]["error"]["code"] == "upstream_error"
+    assert "".join(e["choices"][0]["delta"].get("content") or "" for e in got[:-1] if e["choices"]) == "tok0 "
+    prompt, completion = tokens.chat_prompt({"messages": messages}, True), count_tokens("tok0 ")
+    [row] = gateway.usage(key_id)
+    assert (row["status"], row["estimated"], row["prompt_tokens"], row["completion_tokens"], row["cost"]) \
+        == (502, 1, prompt, completion, cost(prompt, completion))
+    assert_books(gateway, key_id, NANO, cost(prompt, completion))
+
+
+def test_lone_surrogates_and_deep_prompts(gateway):
+    key_id, secret = gateway.create_key("1")
+    auth = {"Authorization": f"Bearer {secret}", "Content-Type": "application/json"}
+    for path, body in (("chat/completions", '{"model": "gpt-test", "messages": [{"role": "user", '
+                                            '"content": "hi \\ud800 [usage=3,4]"}]}'),
+                       ("chat/completions", '{"model": "gpt-test", "stream": true, "messages": [{"role": "user", '
+                                            '"content": [{"type": "text", "text": "\\udfff [usage=3,4]"}]}]}'),
+                       ("completions", '{"model": "gpt-test", "prompt": ["a \\ud800 [usage=3,4]"]}')):
+        r = requests.post(f"{gateway.base_url}/{path}", headers=auth, data=body.encode(), timeout=30)
+        assert r.status_code == 200, r.text
+    assert [row["cost"] for row in gateway.usage(key_id)] == [cost(3, 4)] * 3
+    deep: list = [1]
+    for _ in range(900):
+        deep = [deep]
+    r = requests.post(f"{gateway.base_url}/completions", headers=auth, timeout=30,
+                      data=json.dumps({"model": "gpt-test", "prompt": deep}).encode())
+    assert r.status_code == 400, r.text
+    assert r.json()["error"]["param"] == "prompt" and r.json()["error"]["type"] == "invalid_request_error"
+    assert gateway.balance(key_id) == NANO - 3 * cost(3, 4) and gateway.open_holds(key_id) == 0
+
+
+# --- settlement and holds ----------------------------------------------------------------------------------------
+
+def test_a_settlement_that_keeps_failing_returns_the_hold(gateway):
+    """A real SQLite trigger makes every usage insert of this request fail: the answer is free, nothing stuck."""
+    key_id, secret = gateway.create_key("1")
+    conn = gateway.db()
+    conn.execute("CREATE TRIGGER fail_settle BEFORE INSERT ON usage WHEN NEW.prompt_tokens = 424242 "
+                 "BEGIN SELECT RAISE(ABORT, 'injected settlement failure'); END")
+    try:
+        r = post(gateway, secret, {"model": "gpt-test", "messages": [{"role": "user", "content": "[usage=424242,5]"}]})
+    finally:
+        conn.execute("DROP TRIGGER fail_settle")
+        conn.close()
+    assert r.status_code == 200 and r.headers["x-credits-charged"] == "0"
+    assert gateway.balance(key_id) == NANO and gateway.open_holds(key_id) == 0
+    assert gateway.usage(key_id) == [] and ledger(gateway, key_id) == [(NANO, "grant")]
+    assert "could not be settled" in gateway.log() and "injected settlement failure" in gateway.log()
+    assert gateway.flask("audit").returncode == 0
+
+
+def test_settle_is_safe_to_retry(tmp_path):
+    path = str(tmp_path / "t.db")
+    with db.cli_connection(path) as conn:
+        key_id, _ = keys.create(conn, "x", 1000)
+    h = billing.hold(path, key_id, "req_1", lambda balance: (300, None))
+    charge = billing.Charge("chat.completions", "m", -50, 200, "req_1")  # a negative cost is charged as 0
+    assert billing.settle(path, h, [charge]) == 1000
+    assert billing.settle(path, h, [charge]) is None and billing.release(path, h) is False
+    with db.cli_connection(path) as conn:
+        assert conn.execute("SELECT balance FROM api_keys").fetchone()[0] == 1000
+        assert conn.execute("SELECT COUNT(*) FROM usage").fetchone()[0] == 1
+        assert billing.audit(conn) == []
+
+
+def _hold_row(conn, key_id: int, pid: int, started: int | None, host: str | None, boot: str | None,
+              amount: int = 10, age: float = 0) -> None:
+    conn.execute("UPDATE api_keys SET balance = balance - ? WHERE id = ?", (amount, key_id))
+    conn.execute("INSERT INTO holds(key_id, request_id, pid, pid_started, host, boot_id, amount, created_at)"
+                 " VALUES (?, 'r', ?, ?, ?, ?, ?, ?)", (key_id, pid, started, host, boot, amount, time.time() - age))
+
+
+def test_release_orphans_frees_only_holds_whose_owner_is_gone(tmp_path):
+    path = str(tmp_path / "t.db")
+    host, boot, started = billing.owner()
+    dead = 2**22 + 12345  # above pid_max's default: no such process
+    with db.cli_connection(path) as conn:
+        key_id, _ = keys.create(conn, "x", 1000)
+        _hold_row(conn, key_id, os.getpid(), started, host, boot, age=10**6)  # live, and old: kept
+        _hold_row(conn, key_id, os.getppid(), billing._start_time(os.getppid()), host, boot)  # live: kept
+        _hold_row(conn, key_id, dead, None, "another-host", boot)              # another host: never by pid
+        _hold_row(conn, key_id, os.getpid(), started + 1, host, boot)        # pid reused: released
+        _hold_row(conn, key_id, dead, 5, host, boot)                         # gone: released
+        _hold_row(conn, key_id, os.getpid(), started, host, "an-older-boot")  # rebooted since: released
+        _hold_row(conn, key_id, dead, None, None, None)                      # legacy row, dead pid: released
+    assert billing.release_orphans(path) == 4
+    with db.cli_connection(path) as conn:
+        left = conn.execute("SELECT pid, host FROM holds ORDER BY id").fetchall()
+        assert [tuple(r) for r in left] == [(os.getpid(), host), (os.getppid(), host), (dead, "another-host")]
+        assert conn.execute("SELECT balance FROM api_keys").fetchone()[0] == 1000 - 30
+        assert billing.audit(conn) == []
+        stale = billing.stale_holds(conn, 3600)
+        assert [s[3] for s in stale] == [os.getpid()] and stale[0][5] >= 10**6
+
+
+def test_an_old_database_is_migrated(tmp_path):
+    path = str(tmp_path / "old.db")
+    old = sqlite3.connect(path)
+    old.executescript("""
+        CREATE TABLE api_keys (id INTEGER PRIMARY KEY, name TEXT NOT NULL, key_hash TEXT NOT NULL UNIQUE,
+            prefix TEXT NOT NULL, balance INTEGER NOT NULL, rpm INTEGER, rpd INTEGER, created_at REAL NOT NULL,
+            revoked_at REAL);
+        CREATE TABLE holds (id INTEGER PRIMARY KEY, key_id INTEGER NOT NULL, request_id TEXT NOT NULL,
+            pid INTEGER NOT NULL, amount INTEGER NOT NULL, created_at REAL NOT NULL);
+        INSERT INTO api_keys VALUES (1, 'x', 'h', 'sk-', 90, NULL, NULL, 0, NULL);
+        INSERT INTO holds VALUES (1, 1, 'r', 4242424, 10, 0);
+        PRAGMA user_version = 1;""")
+    old.close()
+    db.init(path)
+    db.init(path)  # idempotent
+    with db.cli_connection(path) as conn:
+        cols = {r[1] for r in conn.execute("PRAGMA table_info(holds)")}
+        assert {"pid_started", "host", "boot_id"} <= cols
+        assert conn.execute("PRAGMA user_version").fetchone()[0] == db.SCHEMA_VERSION
+        assert conn.execute("SELECT pid, host FROM holds").fetchone()[:] == (4242424, None)
+
+
+def test_cli_commands_and_other_workers_never_release_a_live_stream(make_gateway):
+    """hold_ttl_seconds is 3; the stream lasts about 20 s; `keys list`, `audit` and a second gateway starting on
+    the same database run meanwhile. The stream is charged in full afterwards."""
+    def short_ttl(cfg: dict) -> None:
+        cfg["server"]["hold_ttl_seconds"] = 3
+        for upstream in cfg["upstreams"].values():  # the ttl may not be shorter than any upstream timeout
+            upstream["timeout_seconds"] = min(upstream.get("timeout_seconds", 3), 3)
+    gw = make_gateway(short_ttl)
+    key_id, secret = gw.create_key("1")
+    result: dict = {}
+
+    def stream() -> None:
+        result["r"] = post(gw, secret, {"model": "gpt-test", "stream": True, "max_tokens": 100,
+                                        "messages": [{"role": "user",
+                                                      "content": "x [usage=100,50] [chunks=40] [delay=0.5]"}]})
+
+    t = threading.Thread(target=stream)
+    t.start()
+    deadline = time.monotonic() + 10
+    while gw.open_holds(key_id) != 1 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    held = NANO - gw.balance(key_id)
+    time.sleep(3.2)  # the hold is now older than hold_ttl_seconds
+    assert gw.flask("keys", "list").returncode == 0
+    assert gw.flask("audit").returncode == 0
+    other = Gateway(gw.tmp, gw.cfg).start()  # its worker start sweeps orphans: this hold's owner is alive
+    other.stop()
+    assert t.is_alive(), "the stream ended before the test was done with it"
+    assert gw.open_holds(key_id) == 1 and gw.balance(key_id) == NANO - held > 0
+    t.join(timeout=60)
+    assert result["r"].text.rstrip().endswith("data: [DONE]")
+    [row] = gw.usage(key_id)
+    assert (row["status"], row["cost"], row["estimated"]) == (200, cost(100, 50), 0)
+    assert_books(gw, key_id, NANO, cost(100, 50))
+
+
+def test_hold_ttl_may_not_be_shorter_than_an_upstream_timeout():
+    raw = {"server": {"hold_ttl_seconds": 60},
+           "upstreams": {"u": {"kind": "openai", "base_url": "http://127.0.0.1:1/v1", "timeout_seconds": 300}}}
+    with pytest.raises(config.ConfigError, match="hold_ttl_seconds"):
+        config.parse(raw)
+    raw["server"]["hold_ttl_seconds"] = 300
+    assert config.parse(raw).server.hold_ttl_seconds == 300
