@@ -256,6 +256,7 @@ class _Handler(BaseHTTPRequestHandler):
 class _Server(ThreadingHTTPServer):
     daemon_threads = True
     allow_reuse_address = True
+    request_queue_size = 128  # the default 5 drops connections when 50 parallel requests arrive at once
 
     def __init__(self, addr: tuple[str, int], key: str) -> None:
         super().__init__(addr, _Handler)
