@@ -141,8 +141,8 @@ def handle(ticket: Ticket, route: str, body: dict, heartbeat: float) -> Response
     require_key(upstream)  # a missing upstream key is a 502 before any credit moves
     ticket.model = model.id
     stream = bool(body.get("stream"))
-    # Images are checked, fetched and priced before the hold, so a refused image costs nothing.
-    images = vision.plan(ticket.cfg, model, upstream, body) if route == "chat" else None
+    # Images are checked and priced before the hold (a refused image costs nothing) and fetched after it.
+    images = vision.plan(ticket.cfg, model, upstream, body, ticket.key.id) if route == "chat" else None
     extra_hold = images.extra_hold if images else 0
     if route == "chat":
         prompt_tokens = tokens.chat_prompt(body)
@@ -159,9 +159,9 @@ def handle(ticket: Ticket, route: str, body: dict, heartbeat: float) -> Response
     prompt_tokens = hold_prompt(ticket, model, prompt_tokens, exact_prompt, mult)
     hold = ticket.take_hold(planner(model, prompt_tokens, mult, client_cap, extra_hold))
     headers = {}
-    with ticket.settled_on_error():
+    with ticket.settled_on_error(), vision.holding(images):
         if images:
-            body = images.apply(ticket)  # bridge descriptions, inlined data URLs; charges the bridge calls
+            body = images.apply(ticket)  # fetches; bridge descriptions, inlined data URLs; charges the bridge calls
             headers = images.headers()
         up_body = dict(body)
         up_body["model"] = model.upstream_model

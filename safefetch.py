@@ -1,9 +1,11 @@
 """Images a client names by URL: data URLs decoded strictly, remote URLs fetched without becoming an SSRF hole.
 
-A remote fetch is a request the gateway makes on a stranger's behalf, so it is fenced in (DESIGN.md, Vision):
-http(s) only, every hop's host resolved once and refused if any address is not public, the connection made
-to that checked address (DNS rebinding cannot swap it), a byte cap enforced while reading, one deadline
-across all hops, and an answer that must really be an image.
+A remote fetch is a request the gateway makes on a stranger's behalf, so it is fenced in: http(s) only, every
+hop's host resolved once and refused if any address is special-purpose (data/special_purpose_ranges.txt, a
+fixed table, plus Python's ipaddress flags), the connection made to that checked address (DNS rebinding cannot
+swap it), a byte cap enforced while reading, one deadline across all hops, and an answer that must really be an
+image. check_url() applies the same address rules without fetching, for URLs an upstream will fetch itself.
+ByteBudget bounds the bytes a worker's fetches may hold at once.
 """
 from __future__ import annotations
 
@@ -16,6 +18,8 @@ import socket
 import sys
 import time
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
 from urllib.parse import SplitResult, quote, urljoin, urlsplit
 
 import certifi
@@ -23,7 +27,7 @@ import urllib3
 from urllib3.exceptions import HTTPError, NewConnectionError
 from urllib3.exceptions import TimeoutError as Urllib3Timeout
 
-from errors import InvalidRequest
+from errors import GatewayError, InvalidRequest
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 Resolver = Callable[[str, int], list[str]]
@@ -33,8 +37,7 @@ _CHUNK = 64 * 1024
 _DATA_URL = re.compile(r"data:image/(png|jpe?g|gif|webp);base64,(.*)", re.IGNORECASE | re.DOTALL)
 # What may go into a Host header: letters, digits, dots, hyphens, underscores (after IDNA encoding).
 _HOSTNAME = re.compile(r"[a-z0-9_.-]{1,253}")
-_CGNAT = ipaddress.ip_network("100.64.0.0/10")
-_THIS_NETWORK = ipaddress.ip_network("0.0.0.0/8")
+RANGES_FILE = Path(__file__).with_name("data") / "special_purpose_ranges.txt"
 _NAT64 = ipaddress.ip_network("64:ff9b::/96")
 _IPV4_COMPATIBLE = ipaddress.ip_network("::/96")
 
@@ -77,31 +80,67 @@ def parse_data_url(url: str, *, max_bytes: int = 20_000_000) -> tuple[bytes, str
     return data, mime
 
 
+@dataclass(frozen=True)
+class SpecialRange:
+    """One row of data/special_purpose_ranges.txt."""
+
+    network: ipaddress.IPv4Network | ipaddress.IPv6Network
+    action: str  # "deny", or "embedded": judge the IPv4 address in the last 32 bits instead
+    reason: str
+
+
+def load_ranges(path: Path = RANGES_FILE) -> list[SpecialRange]:
+    """The table's rows, most specific first (so a /32 cloud endpoint names itself, not its /16)."""
+    rows = []
+    for number, line in enumerate(path.read_text().splitlines(), 1):
+        text = line.split("#", 1)[0].strip()
+        if not text:
+            continue
+        cidr, action, reason = text.split(None, 2)
+        if action not in ("deny", "embedded"):
+            raise ValueError(f"{path.name}:{number}: unknown action {action!r}")
+        rows.append(SpecialRange(ipaddress.ip_network(cidr), action, reason.strip()))
+    return sorted(rows, key=lambda r: (r.network.version, -r.network.prefixlen))
+
+
+SPECIAL_RANGES = load_ranges()
+
+
+def special_purpose(ip: IPAddress) -> SpecialRange | None:
+    """The most specific row of the table that holds ip, or None. Independent of Python's ipaddress flags."""
+    return next((r for r in SPECIAL_RANGES if r.network.version == ip.version and ip in r.network), None)
+
+
 def is_forbidden_ip(ip: IPAddress, allow_loopback: bool) -> str | None:
-    """Why the gateway must not connect to ip, or None if it is a public address (or loopback when allowed)."""
+    """Why the gateway must not connect to ip, or None if it is a public address (or loopback when allowed).
+
+    The fixed table decides first, so the answer does not move with Python's patch release (3.11.7 calls
+    192.0.0.8 and 3fff::/20 global); the standard flags then catch anything the table lacks.
+    """
+    row = special_purpose(ip)
     if isinstance(ip, ipaddress.IPv6Address):
         embedded, how = _embedded_ipv4(ip)
         if embedded is not None:
-            # The packet goes to the IPv4 address inside, so that address is what gets judged; of these forms
-            # only ::ffff:127.x.y.z is plain loopback, so only it may pass under allow_loopback.
+            # The packet goes to the IPv4 address inside, so that address is judged; of these forms only
+            # ::ffff:127.x.y.z is plain loopback, so only it may pass under allow_loopback.
             reason = is_forbidden_ip(embedded, allow_loopback and how == "IPv4-mapped")
-            return f"{reason} {embedded} embedded in {how} form" if reason else None
-        if ip.teredo:  # Teredo hides two endpoints (server and client); no image host needs it
-            return "tunnelled (Teredo) address"
-    if ip.is_loopback:
+            if reason:
+                return f"{reason} {embedded} embedded in {how} form"
+            if row is not None and row.action == "embedded":
+                return None
+            # 6to4 and IPv4-compatible forms carrying a public address fall through: the table refuses them.
+    if ip.is_loopback or (row is not None and row.reason == "loopback address"):
         # allow_loopback lets tests reach 127.0.0.1; it must open nothing else, so it returns here.
         return None if allow_loopback else "loopback address"
+    if row is not None:
+        return row.reason
     checks = [
         (ip.is_unspecified, "unspecified address"),
-        (ip.version == 4 and ip in _THIS_NETWORK, "'this network' (0.0.0.0/8) address"),
         (ip.is_link_local, "link-local address"),
-        (ip.version == 4 and ip in _CGNAT, "carrier-grade NAT address"),
         (ip.is_multicast, "multicast address"),
-        (ip.version == 4 and ip == ipaddress.IPv4Address("255.255.255.255"), "broadcast address"),
         (ip.version == 6 and ip.is_site_local, "site-local address"),
         (ip.is_reserved, "reserved address"),
         (ip.is_private, "private address"),
-        # Catch-all for special-purpose ranges the named checks miss (documentation, benchmarking, ...).
         (not ip.is_global, "non-public address"),
     ]
     return next((reason for hit, reason in checks if hit), None)
@@ -139,6 +178,18 @@ def fetch_image(url: str, *, allow_loopback: bool = False, max_bytes: int = 20_0
                 return location
             url = location
     raise ImageRefused(f"The image URL was refused: too many redirects (more than {max_redirects}).")
+
+
+def check_url(url: str, *, allow_loopback: bool = False, timeout: float = 15.0,
+              resolver: Resolver | None = None) -> None:
+    """Refuse an http(s) URL whose host is, or resolves to, an address fetch_image would refuse; connect to nothing.
+
+    For URLs an upstream will fetch itself: the same rules, though the upstream resolves the name again and
+    follows redirects on its own, which no check made here can see.
+    """
+    with _gevent_deadline(timeout):
+        parts, host, port = _check_url(url)
+        _resolve_checked(parts, host, port, allow_loopback, resolver or default_resolver)
 
 
 def _shown(parts: SplitResult) -> str:
@@ -200,7 +251,7 @@ def _resolve_checked(parts: SplitResult, host: str, port: int, allow_loopback: b
     for ip in candidates:
         reason = is_forbidden_ip(ip, allow_loopback)
         if reason:
-            article = "an" if reason[0] in "aeiou" else "a"
+            article = "an" if reason[0] in "aeiouAEIOU" and not reason.startswith("uni") else "a"
             raise ImageRefused(f"The image URL {_shown(parts)} was refused: {verb} {article} {reason} ({ip}).")
     ip = candidates[0]
     # Connect to the v4 address itself for mapped addresses, so it works where IPv6 sockets are v6-only.
@@ -314,3 +365,71 @@ def _gevent_deadline(seconds: float) -> Iterator[None]:
         raise ImageRefused(f"The image URL did not answer within {seconds:g} s.") from None
     finally:
         timer.close()
+
+
+class FetchBusy(GatewayError):
+    """The worker's image-fetch byte budget stayed full for the whole wait: try again shortly."""
+
+    status, type, code = 503, "api_error", "image_fetch_busy"
+
+
+class Lease:
+    """One request's share of a ByteBudget: bytes reserved for fetches under way, and bytes of finished ones."""
+
+    def __init__(self) -> None:
+        self.reserved = 0  # everything this request holds of the budget
+        self.kept = 0  # of which: bytes of images already fetched, held until the request lets go
+
+
+class ByteBudget:
+    """Bytes the image fetches of one worker may hold at once (gevent-cooperative, one per process).
+
+    A fetch reserves its cap (max_image_bytes) before connecting, keeps only the bytes it read once done, and the
+    request returns what it kept when it no longer needs the images. So memory stays flat whatever keys send:
+    past the budget, fetches wait instead of downloading.
+    """
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.used = 0
+        self._freed = _new_event()
+
+    def reserve(self, lease: Lease, amount: int, wait: float) -> None:
+        """Take amount bytes for lease, waiting at most wait seconds for other requests to free some."""
+        deadline = time.monotonic() + wait
+        while self.used + amount > self.limit:
+            if lease.kept + amount > self.limit:
+                # What this request already holds is not coming back while it waits for itself.
+                raise InvalidRequest(
+                    f"The images of this request need more than the {self.limit} bytes this server fetches at "
+                    "once; send fewer or smaller images, or data URLs.", param="messages", code="images_too_large")
+            remaining = deadline - time.monotonic()
+            if remaining <= 0 or not self._freed.wait(remaining):
+                raise FetchBusy(f"The server is fetching too many images right now (over {self.limit} bytes in "
+                                "flight); retry in a moment.", headers={"Retry-After": "1"})
+        self.used += amount
+        lease.reserved += amount
+
+    def keep(self, lease: Lease, reserved: int, kept: int) -> None:
+        """A fetch that reserved `reserved` bytes finished holding `kept` (0 if it failed): return the rest."""
+        lease.kept += kept
+        self._give_back(lease, reserved - kept)
+
+    def release(self, lease: Lease) -> None:
+        """Everything the lease holds goes back (the request is done with its images)."""
+        lease.kept = 0
+        self._give_back(lease, lease.reserved)
+
+    def _give_back(self, lease: Lease, amount: int) -> None:
+        if amount <= 0:
+            return
+        lease.reserved -= amount
+        self.used -= amount
+        freed, self._freed = self._freed, _new_event()
+        freed.set()  # every waiter wakes and checks again
+
+
+def _new_event():  # noqa: ANN202 - gevent.event.Event, imported late like gevent elsewhere in this module
+    from gevent.event import Event
+
+    return Event()

@@ -60,13 +60,18 @@ CREATE TABLE IF NOT EXISTS usage (
     created_at        REAL    NOT NULL
 );
 
--- Descriptions of images written by the vision bridge model, by image hash.
-CREATE TABLE IF NOT EXISTS vision_cache (
-    image_hash  TEXT NOT NULL,
-    model       TEXT NOT NULL,
-    description TEXT NOT NULL,
-    created_at  REAL NOT NULL,
-    PRIMARY KEY (image_hash, model)
+-- Descriptions of images written by the vision bridge model, per key, by image hash. Per key because a shared
+-- cache told a key, through `cached` and a lower charge, that another tenant had sent the same image.
+-- Migration: the first version's vision_cache was shared by all keys; its rows name no key, so no key can be
+-- given them, and they are dropped (the cost is one bridge call per image sent again).
+DROP TABLE IF EXISTS vision_cache;
+CREATE TABLE IF NOT EXISTS vision_descriptions (
+    key_id      INTEGER NOT NULL,
+    image_hash  TEXT    NOT NULL,
+    model       TEXT    NOT NULL,
+    description TEXT    NOT NULL,
+    created_at  REAL    NOT NULL,
+    PRIMARY KEY (key_id, image_hash, model)
 );
 
 -- Columns added after a release are added to existing databases by db.migrate(); user_version says how far.

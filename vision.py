@@ -1,9 +1,12 @@
 """Images in chat: passed to vision models, inlined where the upstream cannot fetch, described for text-only models.
 
-chat.handle calls plan() before the hold, so every image is checked, fetched (safefetch), hashed and priced
-while a refusal still costs nothing and reaches no upstream. Inside the hold, VisionPlan.apply() makes the bridge
-calls (one per uncached image, concurrently), charges each as its own usage row linked to the request, caches
-the descriptions in SQLite by (sha256 of the image bytes, bridge model) and returns the body for the main call.
+chat.handle calls plan() before the hold: every image is checked (data URLs decoded, remote hosts resolved and
+checked against safefetch's address rules, whoever will fetch them) and priced at its worst case, so a refusal
+costs nothing and reaches no upstream, and nothing is downloaded for a key that cannot pay. Inside the hold,
+VisionPlan.apply() fetches remote images within the worker's byte budget, makes the bridge calls (one per
+uncached image, concurrently), charges each as its own usage row linked to the request, caches the descriptions
+in SQLite by (key, sha256 of the image bytes, bridge model) and returns the body for the main call. The cache is
+per key: a shared one would tell a key, through `cached` and a lower charge, that another tenant sent an image.
 
 The response header `x-vision-images: bridged=B; cached=C; inlined=I; passed=P` says what happened:
   bridged  images described by a bridge call made for this request;
@@ -19,6 +22,8 @@ import logging
 import os
 import sqlite3
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 from gevent.pool import Pool
@@ -31,17 +36,21 @@ from errors import GatewayError, InvalidRequest, UpstreamError
 from metering import Ticket
 from providers import openai as openai_provider
 from providers.http import require_key
-from safefetch import ImageRefused, fetch_image, parse_data_url
+from safefetch import ByteBudget, ImageRefused, Lease, check_url, fetch_image, parse_data_url
 
 log = logging.getLogger("gateway.vision")
 
 BRIDGE_MAX_TOKENS = 300  # output cap of a bridge call; also what its hold assumes
 CONCURRENCY = 8  # fetches or bridge calls in flight at once for one request
+# Image bytes one worker's fetches may hold at once, in units of max_image_bytes: each fetch reserves the cap
+# before connecting and keeps what it read until the request no longer needs it.
+BUDGET_IMAGES = 4
 INSTRUCTION = ("Describe this image faithfully for someone who cannot see it. Transcribe any text in it exactly. "
                "Say what is shown: subjects, objects, people, actions, colours, layout, and for charts or tables "
                "the values. Describe only what is visible; do not guess or add commentary. Answer with the "
                "description only.")
 _warned_loopback = False
+_budget: ByteBudget | None = None
 
 
 @dataclass
@@ -68,19 +77,26 @@ class VisionPlan:
     cfg: Config
     body: dict
     refs: list[ImageRef]
+    key_id: int
     bridge: ModelConfig | None = None
     inline: bool = False
     descriptions: dict[str, str] = field(default_factory=dict)  # digest -> description (cache hits, then new)
     extra_hold: int = 0
     counts: dict[str, int] = field(default_factory=lambda: dict.fromkeys(("bridged", "cached", "inlined", "passed"), 0))
+    lease: Lease = field(default_factory=Lease)
 
     def headers(self) -> dict[str, str]:
         return {"x-vision-images": "; ".join(f"{k}={v}" for k, v in self.counts.items())}
 
     def apply(self, ticket: Ticket) -> dict:
-        """The body for the main call; for a text-only model, makes and charges the bridge calls first."""
+        """The body for the main call: remote images fetched (inside the hold, within the worker's byte budget),
+        and for a text-only model the bridge calls made and charged first. Call it inside holding()."""
         changes: dict[tuple[int, int], dict] = {}
+        if self.counts["passed"] == len(self.refs):
+            return self.body  # a vision model whose upstream fetches URLs: nothing to fetch or describe
+        _fetch(self.cfg, [r for r in self.refs if r.remote], self.lease)
         if self.bridge is not None:
+            self._look_up()
             self._describe(ticket)
             for ref in self.refs:
                 text = f"[Description of an image: {self.descriptions[ref.digest]}]"
@@ -99,6 +115,18 @@ class VisionPlan:
                 messages[i] = {**messages[i], "content": list(messages[i]["content"])}
             messages[i]["content"][j] = part
         return {**self.body, "messages": messages}
+
+    def _look_up(self) -> None:
+        """Digests of the fetched images, this key's cached descriptions of them, and the header's counts."""
+        assert self.bridge is not None
+        for ref in self.refs:
+            if ref.remote:
+                ref.digest = hashlib.sha256(ref.data).hexdigest()
+        self.descriptions.update(_cached(self.cfg, self.key_id, self.bridge.id,
+                                         [r.digest for r in self.refs if r.digest not in self.descriptions]))
+        misses = {r.digest for r in self.refs if r.digest not in self.descriptions}
+        self.counts["bridged"] = len(misses)
+        self.counts["cached"] = len(self.refs) - len(misses)
 
     def _describe(self, ticket: Ticket) -> None:
         """One bridge call per distinct uncached image; successes are charged and cached even if another fails."""
@@ -131,15 +159,20 @@ class VisionPlan:
             fresh[ref.digest] = text
         self.descriptions.update(fresh)
         if fresh:
-            _store(self.cfg, bridge.id, fresh)
+            _store(self.cfg, self.key_id, bridge.id, fresh)
         if failure:
             ref, exc = failure
             raise UpstreamError(f"vision bridge: the model '{bridge.id}' could not describe the image at "
                                 f"{ref.where}, so the request was not sent on: {exc.message}", param=ref.where)
 
 
-def plan(cfg: Config, model: ModelConfig, upstream: UpstreamConfig, body: dict) -> VisionPlan | None:
-    """Check, fetch and price every image of a chat body; None when it has no image. Raises 400 on any bad image."""
+def plan(cfg: Config, model: ModelConfig, upstream: UpstreamConfig, body: dict, key_id: int) -> VisionPlan | None:
+    """Check and price every image of a chat body, fetching nothing; None when it has no image.
+
+    Raises 400 on any bad image: a data URL that is not an image, or a remote URL whose host is or resolves to
+    an address safefetch refuses (checked here even when the upstream will fetch it, so a local vLLM or Ollama
+    cannot be made to fetch 169.254.169.254). extra_hold assumes every image not known to be cached is bridged.
+    """
     refs = _find_images(body)
     if not refs:
         return None
@@ -160,29 +193,37 @@ def plan(cfg: Config, model: ModelConfig, upstream: UpstreamConfig, body: dict) 
             shown = f"scheme '{scheme[:20]}'" if scheme else "a URL without a scheme"
             raise ImageRefused(f"{ref.where}: {shown} is not allowed; send an http(s) URL or a "
                                "data:image/<png|jpeg|gif|webp>;base64,... URL.", param=ref.where)
-    vp = VisionPlan(cfg, body, refs)
+    _check_hosts(cfg, [r for r in refs if r.remote])
+    vp = VisionPlan(cfg, body, refs, key_id)
     if model.vision and upstream.fetches_image_urls:
         vp.counts["passed"] = len(refs)
         return vp
-    if not model.vision:
-        vp.bridge = _bridge_model(cfg, model)
-    _fetch(cfg, [r for r in refs if r.remote])
-    if vp.bridge is None:
+    if model.vision:
         vp.inline = True
         vp.counts["inlined"] = sum(r.remote for r in refs)
         vp.counts["passed"] = len(refs) - vp.counts["inlined"]
         return vp
+    vp.bridge = _bridge_model(cfg, model)
     for ref in refs:
-        ref.digest = hashlib.sha256(ref.data).hexdigest()
-    digests = list(dict.fromkeys(r.digest for r in refs))
-    rows = db.read(cfg.server.database, "SELECT image_hash, description FROM vision_cache WHERE model = ? AND "
-                   f"image_hash IN ({','.join('?' * len(digests))})", (vp.bridge.id, *digests))
-    vp.descriptions = {row[0]: row[1] for row in rows}
-    misses = [d for d in digests if d not in vp.descriptions]
-    vp.counts["bridged"] = len(misses)
-    vp.counts["cached"] = len(refs) - len(misses)
-    vp.extra_hold = len(misses) * _bridge_estimate(vp.bridge, cfg.upstream_for(vp.bridge))
+        if not ref.remote:
+            ref.digest = hashlib.sha256(ref.data).hexdigest()
+    vp.descriptions = _cached(cfg, key_id, vp.bridge.id, [r.digest for r in refs if not r.remote])
+    # Remote images are unknown until fetched, which happens inside the hold: each distinct URL is held as a
+    # bridge call, and what the cache or a duplicate saves returns at settlement.
+    worst = {r.digest for r in refs if not r.remote and r.digest not in vp.descriptions}
+    worst |= {r.url for r in refs if r.remote}
+    vp.extra_hold = len(worst) * _bridge_estimate(vp.bridge, cfg.upstream_for(vp.bridge))
     return vp
+
+
+@contextmanager
+def holding(images: VisionPlan | None) -> Iterator[None]:
+    """The block in which the request uses its fetched image bytes; they go back to the worker's budget after."""
+    try:
+        yield
+    finally:
+        if images is not None and _budget is not None:
+            _budget.release(images.lease)
 
 
 def warn_if_loopback(cfg: Config) -> None:
@@ -217,26 +258,80 @@ def _named(ref: ImageRef, exc: ImageRefused) -> ImageRefused:
     return ImageRefused(f"{ref.where}: {exc.message}", param=ref.where)
 
 
-def _fetch(cfg: Config, refs: list[ImageRef]) -> None:
-    """Fetch remote images concurrently (each distinct URL once); the first refusal, in request order, is raised."""
+def _check_hosts(cfg: Config, refs: list[ImageRef]) -> None:
+    """Every remote URL's host resolved and checked, none connected to; the first refusal in request order."""
     urls = list(dict.fromkeys(r.url for r in refs))
     if not urls:
         return
     v = cfg.vision
 
-    def get(url: str) -> tuple[bytes, str] | ImageRefused:
+    def check(url: str) -> ImageRefused | None:
         try:
-            return fetch_image(url, allow_loopback=v.allow_loopback_image_hosts, max_bytes=v.max_image_bytes,
-                               timeout=v.fetch_timeout_seconds)
+            check_url(url, allow_loopback=v.allow_loopback_image_hosts, timeout=v.fetch_timeout_seconds)
         except ImageRefused as exc:
             return exc
+        return None
+
+    results = dict(zip(urls, Pool(min(CONCURRENCY, len(urls))).map(check, urls), strict=True))
+    for ref in refs:
+        if results[ref.url] is not None:
+            raise _named(ref, results[ref.url])
+
+
+def budget(cfg: Config) -> ByteBudget:
+    """This worker's byte budget for image fetches (made on first use, in the worker process)."""
+    global _budget
+    if _budget is None:
+        _budget = ByteBudget(BUDGET_IMAGES * cfg.vision.max_image_bytes)
+    return _budget
+
+
+def _fetch(cfg: Config, refs: list[ImageRef], lease: Lease) -> None:
+    """Fetch remote images concurrently (each distinct URL once); the first refusal, in request order, is raised.
+
+    Each fetch first reserves max_image_bytes of the worker's budget, waiting up to fetch_timeout_seconds for
+    other requests to free some (then a 503), so the bytes in flight never pass the budget.
+    """
+    urls = list(dict.fromkeys(r.url for r in refs))
+    if not urls:
+        return
+    v = cfg.vision
+    pot = budget(cfg)
+
+    def get(url: str) -> tuple[bytes, str] | GatewayError:
+        try:
+            pot.reserve(lease, v.max_image_bytes, wait=v.fetch_timeout_seconds)
+        except GatewayError as exc:
+            return exc
+        kept = 0
+        try:
+            data, mime = fetch_image(url, allow_loopback=v.allow_loopback_image_hosts, max_bytes=v.max_image_bytes,
+                                     timeout=v.fetch_timeout_seconds)
+            kept = len(data)
+            return data, mime
+        except ImageRefused as exc:
+            return exc
+        finally:
+            pot.keep(lease, v.max_image_bytes, kept)
 
     results = dict(zip(urls, Pool(min(CONCURRENCY, len(urls))).map(get, urls), strict=True))
     for ref in refs:
         got = results[ref.url]
         if isinstance(got, ImageRefused):
             raise _named(ref, got)
+        if isinstance(got, GatewayError):
+            raise got
         ref.data, ref.mime = got
+
+
+def _cached(cfg: Config, key_id: int, model_id: str, digests: list[str]) -> dict[str, str]:
+    """This key's cached descriptions of these images by this bridge model: digest -> description."""
+    digests = list(dict.fromkeys(digests))
+    if not digests:
+        return {}
+    rows = db.read(cfg.server.database, "SELECT image_hash, description FROM vision_descriptions WHERE key_id = ? "
+                   f"AND model = ? AND image_hash IN ({','.join('?' * len(digests))})", (key_id, model_id, *digests))
+    return {row[0]: row[1] for row in rows}
 
 
 def _bridge_model(cfg: Config, model: ModelConfig) -> ModelConfig:
@@ -286,14 +381,16 @@ def _bridge_call(bridge: ModelConfig, upstream: UpstreamConfig,
     return text.strip(), billing.Usage(tokens.chat_prompt({"messages": body["messages"]}), tokens.count(text)), True
 
 
-def _store(cfg: Config, model_id: str, fresh: dict[str, str]) -> None:
-    """Cache new descriptions; keep at most cache_max_entries rows, dropping the oldest (rowid is insert order)."""
+def _store(cfg: Config, key_id: int, model_id: str, fresh: dict[str, str]) -> None:
+    """Cache new descriptions for this key; keep at most cache_max_entries rows in all, dropping the oldest (rowid
+    is insert order)."""
     def work(conn: sqlite3.Connection) -> None:
         now = time.time()
-        conn.executemany("INSERT OR REPLACE INTO vision_cache(image_hash, model, description, created_at) "
-                         "VALUES (?, ?, ?, ?)", [(d, model_id, text, now) for d, text in fresh.items()])
-        conn.execute("DELETE FROM vision_cache WHERE rowid <= (SELECT MAX(rowid) FROM vision_cache) - ?",
-                     (cfg.vision.cache_max_entries,))
+        conn.executemany("INSERT OR REPLACE INTO vision_descriptions(key_id, image_hash, model, description, "
+                         "created_at) VALUES (?, ?, ?, ?, ?)", [(key_id, d, model_id, text, now)
+                                                                for d, text in fresh.items()])
+        conn.execute("DELETE FROM vision_descriptions WHERE rowid <= (SELECT MAX(rowid) FROM vision_descriptions)"
+                     " - ?", (cfg.vision.cache_max_entries,))
     try:
         db.write(cfg.server.database, work)
     except sqlite3.Error as exc:  # a cache that cannot be written only costs a later request a bridge call

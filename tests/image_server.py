@@ -52,6 +52,9 @@ class ImageServer:
 
     def __init__(self, tls: tuple[str, str] | None = None) -> None:
         self.counts: Counter[str] = Counter()
+        self.in_flight = 0  # requests being answered now, and the most there ever were at once
+        self.max_in_flight = 0
+        self.lock = threading.Lock()
         self.hosts: dict[str, str] = {}  # path -> the Host header of its latest request
         self.sent: dict[str, int] = {}  # streamed path -> body bytes written before the client hung up
         self.finished: dict[str, threading.Event] = {p: threading.Event() for p in ("/big.png", "/big-declared.png")}
@@ -93,10 +96,24 @@ class _Handler(BaseHTTPRequestHandler):
 
     def do_GET(self) -> None:
         owner: ImageServer = self.server.owner  # type: ignore[attr-defined]
+        with owner.lock:
+            owner.in_flight += 1
+            owner.max_in_flight = max(owner.max_in_flight, owner.in_flight)
+        try:
+            self._answer(owner)
+        finally:
+            with owner.lock:
+                owner.in_flight -= 1
+
+    def _answer(self, owner: ImageServer) -> None:
         path = self.path.split("?")[0]
-        owner.counts[path] += 1
+        with owner.lock:
+            owner.counts[path] += 1
         owner.hosts[path] = self.headers.get("Host", "")
-        if path == "/cat.png":
+        if path == "/slow.png":  # a good image after 0.5 s: long enough for fetches to overlap
+            owner.stopping.wait(0.5)
+            self._send(200, "image/png", make_png(3, 3))
+        elif path == "/cat.png":
             self._send(200, "image/png", CAT_PNG)
         elif path == "/cat.jpg":
             self._send(200, "image/jpeg", CAT_JPG)

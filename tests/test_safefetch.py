@@ -17,12 +17,34 @@ from typing import Any
 import certifi
 import pytest
 
-from safefetch import ImageRefused, fetch_image, is_forbidden_ip, parse_data_url, sniff_image
+import safefetch
+from errors import InvalidRequest
+from safefetch import (
+    ByteBudget,
+    FetchBusy,
+    ImageRefused,
+    Lease,
+    check_url,
+    fetch_image,
+    is_forbidden_ip,
+    parse_data_url,
+    sniff_image,
+    special_purpose,
+)
 from tests.image_server import BIG_BYTES, CAT_JPG, CAT_PNG, ImageServer
+from tests.netguard import OffBoxConnect, guard_sockets
 
 GIF = b"GIF89a\x01\x00\x01\x00\x80\x00\x00\xff\xff\xff\x00\x00\x00!\xf9\x04\x01\x00\x00\x00\x00,\x00\x00\x00\x00" \
       b"\x01\x00\x01\x00\x00\x02\x02D\x01\x00;"
 WEBP = b"RIFF\x1a\x00\x00\x00WEBPVP8L\x0d\x00\x00\x00/\x00\x00\x00\x10\x07\x10\x11\x11\x88\x88\xfe\x07\x00"
+
+
+@pytest.fixture(autouse=True)
+def no_off_box_connections() -> Iterator[list[str]]:
+    """Test harness: any connect to an address off this machine raises, and the test fails if one was tried."""
+    with guard_sockets() as attempts:
+        yield attempts
+    assert attempts == [], f"connections off this machine were attempted: {attempts}"
 
 
 @pytest.fixture(scope="module")
@@ -91,14 +113,23 @@ def test_data_url_size_cap() -> None:
 
 FORBIDDEN = [
     ("10.0.0.1", "private"), ("172.16.0.1", "private"), ("192.168.1.1", "private"), ("fc00::1", "private"),
-    ("100.64.0.1", "carrier-grade NAT"), ("169.254.169.254", "link-local"), ("fe80::1", "link-local"),
+    ("100.64.0.1", "carrier-grade NAT"), ("169.254.1.1", "link-local"), ("fe80::1", "link-local"),
+    ("169.254.169.254", "cloud metadata endpoint"),
     ("0.0.0.0", "unspecified"), ("::", "unspecified"), ("0.1.2.3", "this network"),
     ("224.0.0.1", "multicast"), ("ff02::1", "multicast"), ("255.255.255.255", "broadcast"),
-    ("240.0.0.1", "reserved"), ("fec0::1", "site-local"), ("192.0.2.1", "private"), ("198.18.0.1", "private"),
+    ("240.0.0.1", "reserved"), ("fec0::1", "site-local"), ("192.0.2.1", "documentation"),
+    ("198.18.0.1", "benchmarking"),
+    # What Python 3.11.7's ipaddress calls global, and the issue saw fetched or passed:
+    ("192.0.0.8", "IETF protocol assignment"), ("192.0.0.192", "IETF protocol assignment"),
+    ("3fff::1", "documentation"), ("168.63.129.16", "cloud host endpoint"),
+    ("100.100.100.200", "cloud metadata endpoint"), ("fd00:ec2::254", "cloud metadata endpoint"),
     ("::ffff:10.0.0.1", "private address 10.0.0.1 embedded in IPv4-mapped"),
-    ("::ffff:169.254.169.254", "link-local address 169.254.169.254 embedded"),
+    ("::ffff:169.254.169.254", "cloud metadata endpoint 169.254.169.254 embedded"),
+    ("::ffff:192.0.0.8", "IETF protocol assignment address 192.0.0.8 embedded in IPv4-mapped"),
     ("::10.0.0.1", "embedded in IPv4-compatible"), ("2002:a00:1::", "embedded in 6to4"),
-    ("64:ff9b::a9fe:a9fe", "link-local address 169.254.169.254 embedded in NAT64"),
+    ("::8.8.8.8", "deprecated IPv4-compatible"), ("2002:808:808::1", "6to4 address"),
+    ("64:ff9b::a9fe:a9fe", "cloud metadata endpoint 169.254.169.254 embedded in NAT64"),
+    ("64:ff9b:1::808:808", "local-use NAT64"),
     ("2001:0:4136:e378:8000:63bf:3fff:fdd2", "Teredo"),
 ]
 
@@ -121,9 +152,64 @@ def test_tunnelled_loopback_never_allowed(address: str) -> None:
     assert "loopback address 127.0.0.1 embedded" in is_forbidden_ip(ipaddress.ip_address(address), True)
 
 
-@pytest.mark.parametrize("address", ["8.8.8.8", "2606:4700::1111", "::ffff:8.8.8.8", "2002:808:808::1"])
+PUBLIC = ["8.8.8.8", "1.1.1.1", "93.184.215.14", "151.101.1.69", "192.0.1.255", "192.0.3.0", "198.17.255.255",
+          "198.20.0.0", "223.255.255.255", "100.63.255.255", "100.128.0.0", "172.15.255.255", "172.32.0.0",
+          "168.63.129.15", "168.63.129.17", "2606:4700::1111", "2a00:1450:4001:80b::200e", "2001:4860:4860::8888",
+          "::ffff:8.8.8.8", "64:ff9b::808:808"]
+
+
+@pytest.mark.parametrize("address", PUBLIC)
 def test_public_addresses_pass(address: str) -> None:
-    assert is_forbidden_ip(ipaddress.ip_address(address), False) is None
+    ip = ipaddress.ip_address(address)
+    assert is_forbidden_ip(ip, False) is None and is_forbidden_ip(ip, True) is None
+
+
+# --- the fixed table: what the answer rests on, whatever this Python's ipaddress flags say -------------------------
+
+REQUIRED = ["0.0.0.0/8", "10.0.0.0/8", "100.64.0.0/10", "127.0.0.0/8", "169.254.0.0/16", "172.16.0.0/12",
+            "192.0.0.0/24", "192.0.2.0/24", "192.31.196.0/24", "192.52.193.0/24", "192.88.99.0/24",
+            "192.168.0.0/16", "192.175.48.0/24", "198.18.0.0/15", "198.51.100.0/24", "203.0.113.0/24",
+            "224.0.0.0/4", "240.0.0.0/4", "255.255.255.255/32", "::/128", "::1/128", "::ffff:0:0/96",
+            "64:ff9b::/96", "64:ff9b:1::/48", "100::/64", "100:0:0:1::/64", "2001::/23", "2001:db8::/32",
+            "2002::/16", "2620:4f:8000::/48", "3fff::/20", "5f00::/16", "fc00::/7", "fe80::/10", "fec0::/10",
+            "ff00::/8", "168.63.129.16/32", "169.254.169.254/32", "fd00:ec2::254/128", "100.100.100.200/32"]
+
+
+def test_table_has_every_required_range_and_names_its_source() -> None:
+    networks = {str(r.network) for r in safefetch.SPECIAL_RANGES}
+    assert [n for n in REQUIRED if str(ipaddress.ip_network(n)) not in networks] == []
+    text = safefetch.RANGES_FILE.read_text()
+    assert "iana-ipv4-special-registry" in text and "iana-ipv6-special-registry" in text and "retrieved" in text
+
+
+def test_table_rejects_a_bad_row(tmp_path: Path) -> None:
+    bad = tmp_path / "ranges.txt"
+    bad.write_text("10.0.0.0/8  allow  private address\n")
+    with pytest.raises(ValueError, match="unknown action"):
+        safefetch.load_ranges(bad)
+    bad.write_text("10.0.0.0/33  deny  private address\n")
+    with pytest.raises(ValueError):
+        safefetch.load_ranges(bad)
+
+
+def _edges(row: safefetch.SpecialRange) -> list[ipaddress.IPv4Address | ipaddress.IPv6Address]:
+    return [row.network.network_address, row.network.broadcast_address]
+
+
+@pytest.mark.parametrize("row", safefetch.SPECIAL_RANGES, ids=lambda r: str(r.network))
+def test_every_range_refused_at_both_ends(row: safefetch.SpecialRange) -> None:
+    """The table alone catches each range's first and last address (so a flag's change cannot open it), and the
+    full rule refuses them; 'embedded' ranges are judged by the IPv4 address they carry."""
+    for ip in _edges(row):
+        assert special_purpose(ip) is not None, ip
+        if row.action == "embedded":
+            # ::ffff:0.0.0.0 carries 0.0.0.0, ::ffff:255.255.255.255 the broadcast address: both refused.
+            assert "embedded in" in is_forbidden_ip(ip, False), ip
+        elif row.reason == "loopback address":
+            assert is_forbidden_ip(ip, False) == "loopback address" and is_forbidden_ip(ip, True) is None
+        else:
+            assert is_forbidden_ip(ip, False) is not None and is_forbidden_ip(ip, True) is not None, ip
+
 
 
 # --- URLs refused before any connection -------------------------------------------------------------------------
@@ -134,11 +220,12 @@ def test_public_addresses_pass(address: str) -> None:
     ("http://172.16.0.1/x.png", "private address"),
     ("http://192.168.1.1/x.png", "private address"),
     ("http://100.64.0.1/x.png", "carrier-grade NAT address"),
-    ("http://169.254.169.254/latest/meta-data/", "link-local address"),
+    ("http://169.254.169.254/latest/meta-data/", "cloud metadata endpoint"),
+    ("http://169.254.1.1/x.png", "link-local address"),
     ("http://0.0.0.0:8080/x.png", "unspecified address"),
     ("http://[::]/x.png", "unspecified address"),
     ("http://[fe80::1]/x.png", "link-local address"),
-    ("http://[fc00::1]/x.png", "private address"),
+    ("http://[fc00::1]/x.png", "unique-local private address"),
     ("https://[::ffff:10.0.0.1]/x.png", "private address 10.0.0.1 embedded in IPv4-mapped form"),
     ("file:///etc/passwd", "scheme 'file' is not allowed"),
     ("ftp://x/y.png", "scheme 'ftp' is not allowed"),
@@ -150,6 +237,39 @@ def test_public_addresses_pass(address: str) -> None:
 ])
 def test_refused_urls(url: str, reason: str, allow_loopback: bool) -> None:
     refused(reason, fetch_image, url, allow_loopback=allow_loopback, resolver=no_dns)
+
+
+def test_fence_refuses_off_box_connects(no_off_box_connections: list[str]) -> None:
+    """The harness works: a connect to a documentation address never leaves, and is recorded."""
+    with pytest.raises(OffBoxConnect), socket.socket() as sock:
+        sock.connect(("192.0.2.1", 80))
+    assert no_off_box_connections == ["('192.0.2.1', 80)"]
+    no_off_box_connections.clear()
+
+
+@pytest.mark.parametrize("url, reason", [
+    ("http://192.0.0.8/x.png", "IETF protocol assignment address (192.0.0.8)"),
+    ("http://168.63.129.16/machine?comp=goalstate", "cloud host endpoint (168.63.129.16)"),
+    ("http://[3fff::1]/x.png", "documentation address (3fff::1)"),
+    ("http://100.100.100.200/latest/meta-data/", "cloud metadata endpoint"),
+    ("http://169.254.169.254/latest/meta-data/iam/", "cloud metadata endpoint (169.254.169.254)"),
+    ("http://[fd00:ec2::254]/latest/", "cloud metadata endpoint"),
+    ("ftp://example.com/x.png", "scheme 'ftp'"),
+    ("http://user@example.com/x.png", "credentials"),
+])
+def test_check_url_refuses_without_connecting(url: str, reason: str) -> None:
+    refused(reason, check_url, url, allow_loopback=True, resolver=no_dns)
+    refused(reason, fetch_image, url, allow_loopback=True, resolver=no_dns)
+
+
+def test_check_url_resolves_names_and_connects_to_nothing(server: ImageServer) -> None:
+    before = sum(server.counts.values())
+    refused("resolves to a private address (10.0.0.1)", check_url, "https://images.example.com/x.png",
+            resolver=lambda host, port: ["93.184.215.14", "10.0.0.1"])
+    check_url("https://images.example.com/x.png", resolver=lambda host, port: ["93.184.215.14"])
+    check_url(server.url("/cat.png"), allow_loopback=True)
+    refused("loopback address", check_url, server.url("/cat.png"))
+    assert sum(server.counts.values()) == before
 
 
 def test_credentials_refused_and_never_echoed() -> None:
@@ -317,6 +437,9 @@ def test_https_rejects_untrusted_certificate(tls_server: tuple[ImageServer, str]
 GEVENT_SCRIPT = textwrap.dedent("""
     from gevent import monkey; monkey.patch_all()
     import json, sys, time, gevent
+    from tests.netguard import install
+    off_box = []
+    install(off_box.append)
     from safefetch import ImageRefused, fetch_image
     port = sys.argv[1]
 
@@ -336,7 +459,7 @@ GEVENT_SCRIPT = textwrap.dedent("""
     middle = time.monotonic()
     dns = outcome("slow.example.com", "/cat.png", resolver=slow_dns)
     print(json.dumps({"results": [j.value for j in jobs], "concurrent": middle - started, "dns": dns,
-                      "dns_seconds": time.monotonic() - middle}))
+                      "dns_seconds": time.monotonic() - middle, "off_box": off_box}))
 """)
 
 
@@ -350,3 +473,48 @@ def test_under_gevent(server: ImageServer) -> None:
     assert cat == "image/png" and "did not answer within 1 s" in hang and "did not answer within 1 s" in trickle
     assert out["concurrent"] < 2
     assert "did not answer within 1 s" in out["dns"] and out["dns_seconds"] < 3
+    assert out["off_box"] == []
+
+
+# --- the per-worker byte budget ---------------------------------------------------------------------------------
+
+def test_budget_reserves_keeps_and_releases() -> None:
+    budget = ByteBudget(100)
+    a, b = Lease(), Lease()
+    budget.reserve(a, 40, wait=0)
+    budget.reserve(b, 40, wait=0)
+    assert budget.used == 80
+    budget.keep(a, 40, 10)  # a's fetch read 10 bytes: 30 come back at once
+    assert (budget.used, a.reserved, a.kept) == (50, 10, 10)
+    budget.reserve(a, 50, wait=0)
+    with pytest.raises(FetchBusy) as info:  # 100 in use: b must wait, and gives up at its deadline
+        budget.reserve(b, 1, wait=0.2)
+    assert info.value.status == 503 and info.value.headers == {"Retry-After": "1"}
+    budget.release(a)
+    assert (budget.used, a.reserved, a.kept) == (40, 0, 0)
+    budget.keep(b, 40, 0)  # a failed fetch keeps nothing
+    assert budget.used == 0 and b.reserved == 0
+
+
+def test_budget_waiter_wakes_when_bytes_come_back() -> None:
+    import gevent
+
+    budget = ByteBudget(100)
+    holder, waiter = Lease(), Lease()
+    budget.reserve(holder, 100, wait=0)
+    gevent.spawn_later(0.1, budget.release, holder)
+    started = time.monotonic()
+    budget.reserve(waiter, 60, wait=5)  # would raise FetchBusy if the release never woke it
+    assert time.monotonic() - started < 4 and budget.used == 60
+
+
+def test_budget_refuses_a_request_that_only_waits_for_itself() -> None:
+    budget = ByteBudget(100)
+    lease = Lease()
+    budget.reserve(lease, 60, wait=0)
+    budget.keep(lease, 60, 60)
+    started = time.monotonic()
+    with pytest.raises(InvalidRequest) as info:  # InvalidRequest: a 400, not a wait
+        budget.reserve(lease, 50, wait=10)
+    assert info.value.status == 400 and info.value.code == "images_too_large"
+    assert time.monotonic() - started < 1

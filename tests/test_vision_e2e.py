@@ -8,15 +8,20 @@ from __future__ import annotations
 import base64
 import itertools
 import json
+import re
+import sqlite3
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from decimal import ROUND_CEILING, Decimal
+from pathlib import Path
 
 import pytest
 import requests
 
+import db
 from tests.conformance.validate import validate
-from tests.conftest import Raw
+from tests.conftest import Gateway, Raw
 from tests.image_server import BIG_BYTES, CAT_JPG, CAT_PNG, ImageServer, make_png
 
 NANO = 10**9
@@ -80,8 +85,70 @@ def images() -> Iterator[ImageServer]:
         yield srv
 
 
+FENCE_SITE = str(Path(__file__).resolve().parent / "netguard_site")
+
+
+@pytest.fixture(scope="module")
+def fence_log(tmp_path_factory) -> Path:
+    """Where the fenced gateways of this module note any connect to an address off this machine (none may)."""
+    return tmp_path_factory.mktemp("fence") / "off-box.log"
+
+
+def fence_env(log: Path) -> dict[str, str]:
+    """Test harness for the gateway subprocess: tests/netguard_site makes every off-box connect fail and log."""
+    return {"PYTHONPATH": FENCE_SITE, "NETGUARD_LOG": str(log)}
+
+
+@pytest.fixture(autouse=True)
+def no_off_box_connections(fence_log: Path) -> Iterator[None]:
+    yield
+    tried = fence_log.read_text() if fence_log.exists() else ""
+    assert tried == "", f"the gateway tried to connect off this machine: {tried}"
+
+
+@pytest.fixture(scope="module")
+def gateway(gateway_config, fence_log):
+    """This module's own gateway, behind the test fence (the session's shared one has none)."""
+    tmp, cfg = gateway_config()
+    gw = Gateway(tmp, cfg, env=fence_env(fence_log)).start()
+    yield gw
+    gw.stop()
+
+
+@pytest.fixture
+def make_gateway(gateway_config, fence_log):
+    started: list[Gateway] = []
+
+    def make(change=None, workers: int = 1) -> Gateway:
+        tmp, cfg = gateway_config()
+        if change:
+            change(cfg)
+        gw = Gateway(tmp, cfg, workers, fence_env(fence_log)).start()
+        started.append(gw)
+        return gw
+    yield make
+    for gw in started:
+        gw.stop()
+
+
+@pytest.fixture
+def key(gateway):
+    return gateway.create_key("10")
+
+
+def ledger(gw, key_id: int) -> list[tuple[str, int]]:
+    conn = gw.db()
+    try:
+        return [tuple(r) for r in conn.execute("SELECT kind, amount FROM ledger WHERE key_id = ? ORDER BY id",
+                                               (key_id,))]
+    finally:
+        conn.close()
+
+
 def assert_refused_for_free(gw, fake_openai, body: dict, reason: str, code: str = "invalid_image_url",
-                            param: str = "messages[1].content[1]") -> dict:
+                            param: str = "messages[1].content[1]", after_hold: bool = False) -> dict:
+    """A 400 that costs nothing and reaches no upstream. Refused before the hold: no usage row at all; refused
+    while fetching (inside the hold): one free usage row with status 400. Either way no hold is left open."""
     key_id, secret = gw.create_key("1")
     sent = len(fake_openai.requests)
     r = post(gw, secret, body)
@@ -90,7 +157,10 @@ def assert_refused_for_free(gw, fake_openai, body: dict, reason: str, code: str 
     assert validate("ErrorResponse", err) == []
     assert err["error"]["code"] == code and err["error"]["param"] == param, err
     assert reason in err["error"]["message"], err
-    assert gw.balance(key_id) == NANO and gw.usage(key_id) == []
+    assert gw.balance(key_id) == NANO and gw.open_holds(key_id) == 0
+    rows = [(row["cost"], row["status"], row["uncollected"]) for row in gw.usage(key_id)]
+    assert rows == ([(0, 400, 0)] if after_hold else [])
+    assert ledger(gw, key_id) == [("grant", NANO)] + ([("charge", 0)] if after_hold else [])
     assert len(fake_openai.requests) == sent  # no upstream saw it, not even the bridge
     return err
 
@@ -126,14 +196,31 @@ def test_text_only_model_gets_a_description(gateway, fake_openai, images):
 
 def test_vision_model_receives_images_as_sent(gateway, fake_openai, images, key):
     png = data_url(fresh_png())
-    body = image_body("gpt-test", img(images.url("/not-fetched.png"), "low"), img(png), "http://10.0.0.1/a.png")
+    body = image_body("gpt-test", img(images.url("/not-fetched.png"), "low"), img(png), images.url("/x.png"))
     sent = len(fake_openai.requests)
     r = post(gateway, key[1], body)
     assert r.status_code == 200, r.text
     assert r.headers["x-vision-images"] == "bridged=0; cached=0; inlined=0; passed=3"
     [main] = [q["body"] for q in fake_openai.requests[sent:]]
     assert main["messages"] == body["messages"]  # the upstream fetches URLs itself
-    assert images.counts["/not-fetched.png"] == 0
+    assert images.counts["/not-fetched.png"] == 0 and images.counts["/x.png"] == 0  # checked, never fetched
+
+
+@pytest.mark.parametrize("url, reason", [
+    ("http://169.254.169.254/latest/meta-data/iam/security-credentials/", "cloud metadata endpoint"),
+    ("http://10.0.0.1/a.png", "private address (10.0.0.1)"),
+    ("http://192.0.0.8/a.png", "IETF protocol assignment address (192.0.0.8)"),
+    ("http://168.63.129.16/machine?comp=goalstate", "cloud host endpoint (168.63.129.16)"),
+    ("http://192.0.0.192/a.png", "IETF protocol assignment address"),
+    ("http://[3fff::1]/a.png", "documentation address (3fff::1)"),
+    ("http://100.100.100.200/latest/meta-data/", "cloud metadata endpoint"),
+    ("https://[::ffff:a9fe:a9fe]/latest/", "cloud metadata endpoint 169.254.169.254 embedded"),
+])
+def test_upstream_that_fetches_gets_no_internal_url(gateway, fake_openai, url, reason):
+    """A vision model whose upstream fetches URLs itself (a local vLLM or Ollama, say) is sent no URL the gateway
+    would refuse to fetch: the same rules, checked before the hold, a free 400 naming the part."""
+    err = assert_refused_for_free(gateway, fake_openai, image_body("gpt-test", img(url)), reason)
+    assert err["error"]["message"].startswith("messages[1].content[1]: The image URL ")
 
 
 def test_upstream_that_cannot_fetch_gets_data_urls(gateway, fake_openai, images, key):
@@ -200,42 +287,127 @@ def test_streaming_with_a_bridged_image(gateway, fake_openai):
     assert chunks[-1].usage.model_extra["cost"] == pytest.approx(sum(row["cost"] for row in rows) / NANO)
 
 
-def test_bridge_cost_is_part_of_the_hold(gateway, fake_openai, key):
+def test_bridge_cost_is_part_of_the_hold(gateway, fake_openai):
+    # What a fresh image needs (its bridge call's hold, the main call's prompt, one output token), from a 402.
+    _, broke = gateway.create_key("0")
+    r = post(gateway, broke, image_body("gpt-text", img(data_url(fresh_png()))))
+    assert r.status_code == 402
+    needed = re.search(r"needs at least ([0-9]+(?:\.[0-9]+)?)", r.json()["error"]["message"]).group(1)
+    key_id, secret = gateway.create_key(needed)
     cached = image_body("gpt-text", img(data_url(fresh_png())))
-    assert post(gateway, key[1], cached).status_code == 200  # its description is now cached
-    # 0.001 credits cover the main call's hold (~0.00057) but not that plus a bridge call's (~0.00095).
-    key_id, secret = gateway.create_key("0.001")
+    r = post(gateway, secret, cached)  # exactly enough for one bridged request, which caches the description
+    assert r.status_code == 200 and r.headers["x-vision-images"] == "bridged=1; cached=0; inlined=0; passed=0"
     sent = len(fake_openai.requests)
-    r = post(gateway, secret, cached)
+    r = post(gateway, secret, cached)  # cached: the main call's hold fits what is left
     assert r.status_code == 200 and r.headers["x-vision-images"] == "bridged=0; cached=1; inlined=0; passed=0"
     r = post(gateway, secret, image_body("gpt-text", img(data_url(fresh_png()))))
     assert r.status_code == 402 and r.json()["error"]["code"] == "insufficient_credits"
-    assert len(fake_openai.requests) == sent + 1  # neither the bridge nor the main call was made
-    assert NANO // 1000 - gateway.balance(key_id) == TEXT_COST
+    assert len(fake_openai.requests) == sent + 1  # neither the bridge nor the main call was made for the last
+    spent = Decimal(needed) * NANO - gateway.balance(key_id)
+    assert spent == BRIDGE_COST + 2 * TEXT_COST and gateway.open_holds(key_id) == 0
+
+
+def test_cache_is_per_key(gateway, fake_openai):
+    """Key B learns nothing from key A's images: B's first sending is bridged and charged, as if A never had."""
+    a_id, a_secret = gateway.create_key("1")
+    b_id, b_secret = gateway.create_key("1")
+    body = image_body("gpt-text", img(data_url(fresh_png())))
+    assert post(gateway, a_secret, body).headers["x-vision-images"] == "bridged=1; cached=0; inlined=0; passed=0"
+    sent = len(fake_openai.requests)
+    r = post(gateway, b_secret, body)
+    assert r.status_code == 200 and r.headers["x-vision-images"] == "bridged=1; cached=0; inlined=0; passed=0"
+    assert len(fake_openai.requests) == sent + 2  # B's own bridge call, then the main call
+    assert NANO - gateway.balance(b_id) == BRIDGE_COST + TEXT_COST
+    assert [(row["model"], row["cost"]) for row in gateway.usage(b_id)] == [("gpt-test", BRIDGE_COST),
+                                                                           ("gpt-text", TEXT_COST)]
+    # Each key now hits its own entry.
+    for secret in (a_secret, b_secret):
+        assert post(gateway, secret, body).headers["x-vision-images"] == "bridged=0; cached=1; inlined=0; passed=0"
+    assert NANO - gateway.balance(a_id) == BRIDGE_COST + 2 * TEXT_COST
+
+
+def test_remote_image_hold_assumes_a_bridge_call(gateway, fake_openai, images):
+    """A remote image is fetched only inside the hold, so the hold counts it as bridged; the unused part of the
+    hold returns at settlement, also when the image turns out to be cached."""
+    key_id, secret = gateway.create_key("1")
+    url = images.url("/cat.png?hold-test")
+    first = post(gateway, secret, image_body("gpt-text", img(url)))
+    assert first.headers["x-vision-images"] == "bridged=1; cached=0; inlined=0; passed=0"
+    second = post(gateway, secret, image_body("gpt-text", img(url), img(url)))
+    assert second.headers["x-vision-images"] == "bridged=0; cached=2; inlined=0; passed=0"
+    assert NANO - gateway.balance(key_id) == BRIDGE_COST + 2 * TEXT_COST and gateway.open_holds(key_id) == 0
+
+
+@pytest.mark.parametrize("model", ["gpt-text", "gemini-test"])
+def test_key_that_cannot_pay_downloads_nothing(make_gateway, fake_openai, images, model):
+    """The issue's case: a 0-credit key sent 40 large image URLs and the gateway fetched them all before its 402.
+    Now the 402 comes before any fetch: not one request reaches the image server."""
+    gw = make_gateway(lambda cfg: cfg["vision"].update(max_images=40))
+    key_id, secret = gw.create_key("0")
+    before = sum(images.counts.values())
+    sent = len(fake_openai.requests)
+    body = image_body(model, *[img(images.url(f"/big-declared.png?n={i}")) for i in range(40)])
+    r = post(gw, secret, body)
+    assert r.status_code == 402, r.text
+    assert r.json()["error"]["code"] == "insufficient_credits"
+    assert sum(images.counts.values()) == before and len(fake_openai.requests) == sent
+    assert gw.balance(key_id) == 0 and gw.usage(key_id) == [] and gw.open_holds(key_id) == 0
+
+
+def test_fetches_in_flight_are_bounded_per_worker(make_gateway, fake_openai, images):
+    """Each fetch reserves max_image_bytes of a budget of 4 x max_image_bytes per worker, so however many
+    requests arrive at once, at most 4 images are being downloaded by the worker; the rest wait their turn."""
+    gw = make_gateway(lambda cfg: cfg["vision"].update(max_image_bytes=4096, fetch_timeout_seconds=10))
+    key_id, secret = gw.create_key("1")
+    images.max_in_flight = 0
+    before = images.counts["/slow.png"]
+
+    def one(i: int) -> requests.Response:
+        return post(gw, secret, image_body("gemini-test", img(images.url(f"/slow.png?n={i}"))))
+
+    with ThreadPoolExecutor(10) as pool:
+        answers = list(pool.map(one, range(10)))
+    assert [a.status_code for a in answers] == [200] * 10
+    assert images.counts["/slow.png"] - before == 10
+    assert 1 <= images.max_in_flight <= 4
+    assert gw.open_holds(key_id) == 0 and len(gw.usage(key_id)) == 10
 
 
 # --- refusals: 400, free, and no upstream call ------------------------------------------------------------------
 
-@pytest.mark.parametrize("model", ["gpt-text", "gemini-test"])
+@pytest.mark.parametrize("model", ["gpt-text", "gemini-test", "gpt-test"])
 @pytest.mark.parametrize("url,reason", [
     ("http://10.0.0.1/x.png", "private address"),
     ("http://172.16.0.1/x.png", "private address"),
     ("http://192.168.1.1/x.png", "private address"),
     ("http://100.64.0.1/x.png", "carrier-grade NAT"),
-    ("http://169.254.169.254/latest/meta-data/", "link-local"),
+    ("http://169.254.169.254/latest/meta-data/", "cloud metadata endpoint"),
+    ("http://169.254.1.1/x.png", "link-local"),
     ("http://0.0.0.0:80/x.png", "unspecified"),
     ("http://[fd00::1]/x.png", "private address"),
-    ("http://[::ffff:169.254.169.254]/x.png", "link-local"),
+    ("http://[::ffff:169.254.169.254]/x.png", "cloud metadata endpoint 169.254.169.254 embedded"),
+    ("http://192.0.0.8/x.png", "IETF protocol assignment"),
+    ("http://[3fff::1]/x.png", "documentation"),
     ("file:///etc/passwd", "scheme 'file'"),
     ("ftp://example.com/x.png", "scheme 'ftp'"),
+])
+def test_refused_urls_with_loopback_allowed(gateway, fake_openai, model, url, reason):
+    """Refused by address or scheme before the hold, whoever would fetch: no usage row at all."""
+    err = assert_refused_for_free(gateway, fake_openai, image_body(model, img(url)), reason)
+    assert err["error"]["message"].startswith("messages[1].content[1]: ")
+
+
+@pytest.mark.parametrize("model", ["gpt-text", "gemini-test"])
+@pytest.mark.parametrize("path,reason", [
     ("/redirect-private", "private address (10.0.0.1)"),
     ("/text", "not an image"),
     ("/fake-png", "not an image"),
     ("/missing.png", "HTTP 404"),
 ])
-def test_refused_urls_with_loopback_allowed(gateway, fake_openai, images, model, url, reason):
-    url = images.url(url) if url.startswith("/") else url
-    err = assert_refused_for_free(gateway, fake_openai, image_body(model, img(url)), reason)
+def test_refused_while_fetching(gateway, fake_openai, images, model, path, reason):
+    """Refused by what the fetch meets (inside the hold): free, one usage row with status 400, no hold left."""
+    err = assert_refused_for_free(gateway, fake_openai, image_body(model, img(images.url(path))), reason,
+                                  after_hold=True)
     assert err["error"]["message"].startswith("messages[1].content[1]: ")
 
 
@@ -282,14 +454,15 @@ def test_size_cap_and_timeout(make_gateway, fake_openai, images):
         cfg["vision"].update(max_image_bytes=4096, fetch_timeout_seconds=1)
     gw = make_gateway(small)
     err = assert_refused_for_free(gw, fake_openai, image_body("gpt-text", img(images.url("/big.png"))),
-                                  "larger than 4096 bytes")
+                                  "larger than 4096 bytes", after_hold=True)
     assert images.finished["/big.png"].wait(5) and images.sent["/big.png"] < BIG_BYTES // 10  # stopped early
     assert "messages[1].content[1]" in err["error"]["message"]
     assert_refused_for_free(gw, fake_openai, image_body("gemini-test", img(images.url("/big-declared.png"))),
-                            "larger than 4096 bytes")
+                            "larger than 4096 bytes", after_hold=True)
     for path in ("/hang", "/trickle.png"):
         started = time.monotonic()
-        assert_refused_for_free(gw, fake_openai, image_body("gpt-text", img(images.url(path))), "within 1 s")
+        assert_refused_for_free(gw, fake_openai, image_body("gpt-text", img(images.url(path))), "within 1 s",
+                                after_hold=True)
         assert time.monotonic() - started < 4
     assert_refused_for_free(gw, fake_openai, image_body("gpt-text", img(data_url(make_png(64, 64) + b"\0" * 5000))),
                             "larger than 4096 bytes")
@@ -306,7 +479,7 @@ def test_cache_is_bounded(make_gateway, fake_openai):
                     ["bridged=1", " cached=0"]]  # b pushed a out of a one-entry cache
     conn = gw.db()
     try:
-        assert conn.execute("SELECT COUNT(*) FROM vision_cache").fetchone()[0] == 1
+        assert conn.execute("SELECT COUNT(*) FROM vision_descriptions").fetchone()[0] == 1
     finally:
         conn.close()
 
@@ -341,3 +514,24 @@ def test_text_only_model_without_a_bridge_is_400(make_gateway, fake_openai):
     assert "[vision]" in err["error"]["message"]
     key_id, secret = gw.create_key("1")
     assert post(gw, secret, image_body("gpt-test", img(data_url(CAT_PNG)))).status_code == 200
+
+
+def test_old_shared_cache_is_migrated(tmp_path):
+    """A database made by the first schema: its shared vision_cache goes, the per-key table comes, twice safely."""
+    path = str(tmp_path / "old.db")
+    conn = sqlite3.connect(path)
+    conn.executescript("""
+        CREATE TABLE vision_cache (image_hash TEXT NOT NULL, model TEXT NOT NULL, description TEXT NOT NULL,
+                                   created_at REAL NOT NULL, PRIMARY KEY (image_hash, model));
+        INSERT INTO vision_cache VALUES ('abc', 'gpt-test', 'a cat', 0);""")
+    conn.close()
+    for _ in range(2):
+        db.init(path)
+    conn = sqlite3.connect(path)
+    try:
+        tables = {row[0] for row in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+        assert "vision_cache" not in tables and "vision_descriptions" in tables
+        columns = [row[1] for row in conn.execute("PRAGMA table_info(vision_descriptions)")]
+        assert columns == ["key_id", "image_hash", "model", "description", "created_at"]
+    finally:
+        conn.close()
