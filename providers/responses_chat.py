@@ -340,10 +340,13 @@ def usage_from_chat(usage: dict | None) -> dict | None:
         return None
     prompt = int(usage.get("prompt_tokens") or 0)
     completion = int(usage.get("completion_tokens") or 0)
-    cached = int(((usage.get("prompt_tokens_details") or {}).get("cached_tokens")) or 0)
+    prompt_details = usage.get("prompt_tokens_details") or {}
+    cached = int(prompt_details.get("cached_tokens") or 0)
+    cache_write = int(prompt_details.get("cache_write_tokens") or 0)
     reasoning = int(((usage.get("completion_tokens_details") or {}).get("reasoning_tokens")) or 0)
     total = usage.get("total_tokens")
-    return {"input_tokens": prompt, "input_tokens_details": {"cached_tokens": cached},
+    return {"input_tokens": prompt,
+            "input_tokens_details": {"cached_tokens": cached, "cache_write_tokens": cache_write},
             "output_tokens": completion, "output_tokens_details": {"reasoning_tokens": reasoning},
             "total_tokens": int(total) if isinstance(total, int) else prompt + completion}
 
