@@ -312,7 +312,9 @@ def to_chat(body: dict) -> dict:
         chat["stream_options"] = {"include_usage": True}
     opts = body.get("stream_options")
     if opts is not None:
-        extra = sorted(k for k in (opts if isinstance(opts, dict) else {"": 1}) if k != "include_obfuscation")
+        if not isinstance(opts, dict):
+            raise _refuse("stream_options must be an object.", "stream_options")
+        extra = sorted(k for k in opts if k != "include_obfuscation")
         if extra:
             raise _refuse(f"stream_options.{extra[0]} is not supported here.", f"stream_options.{extra[0]}")
     return chat
@@ -557,10 +559,18 @@ class StreamTranslator:
         return events
 
     def feed(self, chunk: dict) -> list[dict]:
-        """The events for one parsed chat.completion.chunk (a usage-only chunk gives none)."""
+        """The events for one parsed chat.completion.chunk (a usage-only chunk gives none).
+
+        An `{"error": ...}` event in place of a chunk (how OpenAI-compatible servers fail mid-stream) ends the
+        stream with response.failed; `done` then tells the caller no more events will come.
+        """
         if self.done:
             return []
         events = self.start()
+        error = chunk.get("error")
+        if error is not None:
+            message = error.get("message") if isinstance(error, dict) else None
+            return events + self.fail(f"The upstream failed mid-stream: {message or error}")
         if isinstance(chunk.get("usage"), dict):
             self.usage = usage_from_chat(chunk["usage"])
         for choice in chunk.get("choices") or []:

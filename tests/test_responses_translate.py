@@ -209,6 +209,7 @@ REFUSALS = [
     ({"model": "m", "input": [{"type": "function_call_output", "output": "x"}]}, "input[0].call_id"),
     ({"model": "m", "input": [{"type": "function_call", "call_id": "c", "name": "f"}]}, "input[0].arguments"),
     ({"model": "m", "input": "x", "stream_options": {"include_usage": True}}, "stream_options.include_usage"),
+    ({"model": "m", "input": "x", "stream_options": "yes"}, "stream_options"),
 ]
 
 
@@ -460,6 +461,18 @@ def test_stream_cut_or_failed_upstream_ends_failed() -> None:
     assert events[0]["type"] == "response.created"  # feed starts the stream if start() was not called
     assert events[-1]["response"]["error"] == {"code": "rate_limit_exceeded", "message": "Upstream said 429."}
     assert tr.feed(_chunk({"content": "late"})) == [] and tr.finish() == [] and tr.fail("again") == []
+
+
+def test_stream_error_event_from_upstream_ends_failed() -> None:
+    tr = StreamTranslator({"model": "m", "input": "x"}, RID, 1)
+    events = tr.feed(_chunk({"content": "a"}))
+    events += tr.feed({"error": {"message": "Fake failure mid-stream.", "type": "server_error"}})
+    _check_sdk_types(events)
+    assert tr.done and events[-1]["type"] == "response.failed"
+    assert events[-1]["response"]["error"] == {
+        "code": "server_error", "message": "The upstream failed mid-stream: Fake failure mid-stream."}
+    assert events[-1]["response"]["output"][0]["content"][0]["text"] == "a"
+    assert tr.finish() == []
 
 
 def test_sse_framing() -> None:
