@@ -17,6 +17,7 @@ dropped quietly. Decisions where the two APIs differ:
 """
 from __future__ import annotations
 
+import copy
 import json
 from typing import Any
 
@@ -317,7 +318,8 @@ def to_chat(body: dict) -> dict:
         extra = sorted(k for k in opts if k != "include_obfuscation")
         if extra:
             raise _refuse(f"stream_options.{extra[0]} is not supported here.", f"stream_options.{extra[0]}")
-    return chat
+    # The route rewrites chat bodies (vision bridging, model names); the client's body must stay as it came.
+    return copy.deepcopy(chat)
 
 
 # ---------------------------------------------------------------------------------------------- response

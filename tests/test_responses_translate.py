@@ -99,6 +99,9 @@ def test_full_request_translates_every_supported_field() -> None:
         "stream": True, "stream_options": {"include_usage": True},
     }
     assert body == original  # the caller's body is not changed
+    chat = to_chat(body)
+    chat["tools"][0]["function"]["parameters"]["properties"].clear()
+    assert body == original  # nor by later changes to the translation
 
 
 def test_tool_history_becomes_assistant_tool_calls_and_tool_messages() -> None:
