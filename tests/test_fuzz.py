@@ -27,6 +27,9 @@ from hypothesis import strategies as st
 import billing
 from tests.conftest import Gateway
 
+# Shrinking a failure that holds a 5,000-character string prints large reprs; the warning says nothing new.
+pytestmark = pytest.mark.filterwarnings("ignore::hypothesis.errors.HypothesisWarning")
+
 EXAMPLES = int(os.environ.get("FUZZ_EXAMPLES", "150"))
 FUZZ_SEED = os.environ.get("FUZZ_SEED")
 RICH = billing.parse_credits("100000")
@@ -149,18 +152,18 @@ common_optional = {
     "temperature": field(st.floats(0, 2)), "top_p": junk, "stop": junk, "user": junk, "seed": junk,
     "logprobs": junk, "presence_penalty": junk,
 }
-chat_bodies = body_of(
+_random_chat_bodies = body_of(
     {"model": models(CHAT_MODELS), "messages": field(st.lists(message, min_size=1, max_size=3))},
     {**common_optional, "max_completion_tokens": small_int, "tools": junk, "tool_choice": junk,
      "response_format": junk},
 )
-completion_bodies = body_of(
+_random_completion_bodies = body_of(
     {"model": models(CHAT_MODELS),
      "prompt": field(st.one_of(texts, st.lists(texts, max_size=3), st.lists(st.integers(0, 100_000), max_size=5),
                                st.lists(st.lists(st.integers(0, 100_000), max_size=4), max_size=3)))},
     {**common_optional, "best_of": field(st.integers(1, 3)), "echo": junk, "suffix": junk},
 )
-image_bodies = body_of(
+_random_image_bodies = body_of(
     {"prompt": field(texts)},
     {"model": models(IMAGE_MODELS), "n": field(st.integers(1, 3)),
      "size": field(st.sampled_from(["auto", "1024x1024", "1536x1024", "1x100000", "0x0", "1024X1024", "999999x1"])),
@@ -175,13 +178,53 @@ music_config = st.dictionaries(
     st.one_of(ints, floats, st.booleans(), st.sampled_from(["C_MAJOR_A_MINOR", "QUALITY", "DIVERSITY"]), junk),
     max_size=3,
 )
-music_bodies = body_of(
+_random_music_bodies = body_of(
     {"prompt": field(texts)},
     {"model": models(MUSIC_MODELS), "weighted_prompts": field(weighted),
      "duration_seconds": field(st.one_of(st.integers(1, 8), st.floats(0, 12), ints)),
      "music_generation_config": field(music_config), "response_format": field(st.sampled_from(["pcm", "wav"]))},
 )
 
+
+
+def near_valid(valid: st.SearchStrategy, fields: list[str]) -> st.SearchStrategy:
+    """A valid body with at most one field replaced by anything at all, so the fuzz reaches past validation
+    into hold, upstream call and settlement with edge values (lone surrogates, huge numbers) in valid places."""
+    def mutate(t: tuple[dict, str, Any, bool]) -> dict:
+        body, name, value, keep = t
+        return body if keep else {**body, name: value}
+    return st.tuples(valid, st.sampled_from(fields), junk, st.booleans()).map(mutate)
+
+
+valid_parts = st.lists(st.one_of(
+    st.fixed_dictionaries({"type": st.just("text"), "text": texts}),
+    st.fixed_dictionaries({"type": st.just("image_url"), "image_url": st.fixed_dictionaries({"url": safe_urls})}),
+), min_size=1, max_size=2)
+streaming = {"stream": st.booleans(), "stream_options": st.fixed_dictionaries({"include_usage": st.booleans()}),
+             "max_tokens": st.integers(1, 64), "n": st.integers(1, 3)}
+chat_bodies = st.one_of(_random_chat_bodies, near_valid(st.fixed_dictionaries(
+    {"model": st.sampled_from(CHAT_MODELS),
+     "messages": st.lists(st.fixed_dictionaries({"role": st.sampled_from(["system", "user", "assistant"]),
+                                                 "content": st.one_of(texts, valid_parts)}), min_size=1, max_size=3)},
+    optional={**streaming, "max_completion_tokens": st.integers(1, 64)}),
+    ["model", "messages", "stream", "stream_options", "max_tokens", "max_completion_tokens", "n", "user"]))
+completion_bodies = st.one_of(_random_completion_bodies, near_valid(st.fixed_dictionaries(
+    {"model": st.sampled_from(CHAT_MODELS),
+     "prompt": st.one_of(texts, st.lists(texts, min_size=1, max_size=3),
+                         st.lists(st.integers(0, 100_000), min_size=1, max_size=5))},
+    optional={**streaming, "best_of": st.integers(1, 3)}),
+    ["model", "prompt", "stream", "stream_options", "max_tokens", "n", "best_of", "echo"]))
+image_bodies = st.one_of(_random_image_bodies, near_valid(st.fixed_dictionaries(
+    {"model": st.sampled_from(IMAGE_MODELS), "prompt": texts},
+    optional={"n": st.integers(1, 3), "size": st.sampled_from(["auto", "1024x1024", "1536x1024"]),
+              "response_format": st.sampled_from(["b64_json", "url"])}),
+    ["model", "prompt", "n", "size", "response_format", "stream", "quality"]))
+music_bodies = st.one_of(_random_music_bodies, near_valid(st.fixed_dictionaries(
+    {"model": st.sampled_from(MUSIC_MODELS), "prompt": texts},
+    optional={"duration_seconds": st.integers(4, 6), "response_format": st.sampled_from(["pcm", "wav"]),
+              "music_generation_config": st.fixed_dictionaries({}, optional={
+                  "bpm": st.integers(60, 200), "temperature": st.floats(0, 3), "scale": st.just("C_MAJOR_A_MINOR")})}),
+    ["model", "prompt", "weighted_prompts", "duration_seconds", "music_generation_config", "response_format"]))
 
 # ---------------------------------------------------------------------------------------------------------------
 # The gateway under fuzz, its keys, and the checks made after every exchange.
