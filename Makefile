@@ -1,4 +1,5 @@
 # make serve: venv + pinned install + database + gunicorn on $(HOST):$(PORT).  make test: lint + every test.
+# make fuzz: the fuzz suite alone with FUZZ_EXAMPLES (default 5000) generated bodies per route.
 PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV ?= .venv
 BIN = $(VENV)/bin
@@ -6,7 +7,7 @@ HOST ?= 127.0.0.1
 PORT ?= 8080
 export GATEWAY_CONFIG ?= $(CURDIR)/config.toml
 
-.PHONY: serve test lint key bench clean
+.PHONY: serve test fuzz lint key bench clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -34,8 +35,11 @@ test: $(VENV)/.dev
 	$(BIN)/ruff check .
 	$(BIN)/python -m pytest -q
 
+fuzz: $(VENV)/.dev
+	FUZZ_EXAMPLES=$${FUZZ_EXAMPLES:-5000} $(BIN)/python -m pytest -q tests/test_fuzz.py
+
 bench: $(VENV)/.dev
 	$(BIN)/python bench/run.py $(BENCH_ARGS)
 
 clean:
-	rm -rf $(VENV) .pytest_cache .ruff_cache
+	rm -rf $(VENV) .pytest_cache .ruff_cache .hypothesis

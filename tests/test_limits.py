@@ -1,6 +1,7 @@
 """Per-key rate limits: one budget across routes, OpenAI's headers, bad keys spend nothing, Redis across workers."""
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 import time
@@ -53,7 +54,11 @@ def test_health_is_not_limited(gateway):
 @pytest.fixture
 def redis_url():
     server = shutil.which("redis-server")
-    assert server, "redis-server is needed for the multi-worker test: apt-get install redis-server"
+    if not server:
+        # CI installs it (.ci/run), so there its absence is a broken CI, not a reason to skip.
+        if os.environ.get("CI"):
+            pytest.fail("redis-server is not on the PATH, but CI is set and .ci/run should have installed it")
+        pytest.skip("redis-server not on the PATH (apt-get install redis-server); CI runs this test")
     port = free_port()
     proc = subprocess.Popen([server, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
