@@ -101,6 +101,34 @@ def base_config(tmp: Path, openai_url: str, gemini_url: str, lyria_url: str) -> 
     }
 
 
+LIVE: list[Gateway] = []  # gateways started and not yet stopped, whose logs a failing test report shows
+LOG_TAIL = 6000
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    item.stash[_OFFSETS] = {id(gw): gw.log_size() for gw in LIVE}
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo):
+    """A failing test's report carries what each gateway logged during it: its own error, not only the client's."""
+    outcome = yield
+    report = outcome.get_result()
+    if report.when != "call" or not report.failed:
+        return
+    offsets = item.stash.get(_OFFSETS, {})
+    for gw in LIVE:
+        text = gw.log_since(offsets.get(id(gw), 0))
+        if text.strip():
+            at = text.find("Traceback")
+            shown = text[max(at - 500, 0):][:LOG_TAIL] if at >= 0 else text[-LOG_TAIL:]
+            report.sections.append((f"gateway log {gw.url} (during this test)", shown))
+
+
+_OFFSETS = pytest.StashKey[dict]()
+
+
 class Gateway:
     """The gateway run as users run it: gunicorn with the gevent worker, on a free port of 127.0.0.1."""
 
@@ -121,6 +149,7 @@ class Gateway:
         self.proc: subprocess.Popen | None = None
 
     def start(self) -> Gateway:
+        LIVE.append(self)
         log = open(self.log_path, "ab")
         self.proc = subprocess.Popen([GUNICORN, "-c", "gunicorn.conf.py", "app:app"], cwd=ROOT, env=self.env,
                                      stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
@@ -136,6 +165,8 @@ class Gateway:
         raise RuntimeError(f"gateway did not start: {self.log()}")
 
     def stop(self, sig: int = signal.SIGINT) -> None:
+        if self in LIVE:
+            LIVE.remove(self)
         if self.proc and self.proc.poll() is None:
             os.killpg(self.proc.pid, sig)
             try:
@@ -143,6 +174,16 @@ class Gateway:
             except subprocess.TimeoutExpired:
                 os.killpg(self.proc.pid, signal.SIGKILL)
                 self.proc.wait()
+
+    def log_size(self) -> int:
+        return self.log_path.stat().st_size if self.log_path.exists() else 0
+
+    def log_since(self, offset: int) -> str:
+        if not self.log_path.exists():
+            return ""
+        with open(self.log_path, "rb") as f:
+            f.seek(offset)
+            return f.read().decode(errors="replace")
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
