@@ -128,6 +128,20 @@ def test_echoed_key_is_scrubbed_from_gemini_image_errors(gateway, model, word, s
     assert_log_clean(gateway.log())
 
 
+def test_echoed_key_is_scrubbed_from_music_errors_and_warnings(gateway):
+    key_id, secret = gateway.create_key("1")
+    r = _post(gateway, secret, "audio/music", {"prompt": "rock [echo-close]", "duration_seconds": 4})
+    assert r.status_code == 502, r.text
+    assert "1011" in r.json()["error"]["message"] and "[redacted]" in r.json()["error"]["message"]
+    assert_clean(r.text)
+    assert_free(gateway, key_id, NANO, 502)
+    r = _post(gateway, secret, "audio/music", {"prompt": "rock [echo-warn]", "duration_seconds": 4})
+    assert r.status_code == 200
+    log = gateway.log()
+    assert "Deprecated auth [redacted]" in log  # the warning was logged, scrubbed
+    assert_log_clean(log)
+
+
 def test_retry_after_inf_is_a_429_without_the_header(gateway):
     key_id, secret = gateway.create_key("1")
     r = _post(gateway, secret, "chat/completions",
