@@ -54,10 +54,25 @@ class UpstreamConfig:
     fetches_image_urls: bool = True
     # Concurrent upstream connections kept open per worker.
     pool_size: int = 256
+    # A non-streamed answer (or error body) past this size is a 502, read no further. Image answers are the
+    # largest legitimate ones: ten high-quality PNGs in base64 come to about 40 MB.
+    max_response_bytes: int = 64 * 1024 * 1024
+    # One SSE event past this size ends a stream with an error; chat chunks are a few hundred bytes.
+    max_event_bytes: int = 4 * 1024 * 1024
+    # The whole of a non-streamed call, and a stream up to its first byte, must end within this (504 past it).
+    # Unset: connect_timeout_seconds + timeout_seconds + 30, i.e. time to connect, to think, and 30 s to send.
+    # A stream that has started is bounded by timeout_seconds per read only, so a long healthy stream is not cut.
+    total_timeout_seconds: float | None = None
 
     def api_key(self) -> str | None:
         """The upstream key from the environment, or None when it is not set."""
         return os.environ.get(self.api_key_env) if self.api_key_env else None
+
+    def deadline_seconds(self) -> float:
+        """Seconds a non-streamed call, or a stream until its first byte, may take in all."""
+        if self.total_timeout_seconds is not None:
+            return self.total_timeout_seconds
+        return self.connect_timeout_seconds + self.timeout_seconds + 30.0
 
 
 @dataclass(frozen=True)

@@ -15,7 +15,7 @@ import gevent
 
 from config import ModelConfig, UpstreamConfig
 from errors import ContentPolicy, GatewayError, InvalidRequest, RateLimited, UpstreamError
-from providers.http import post, require_key, retry_after_seconds, status_error
+from providers.http import post, require_key, retry_after_seconds, scrub, scrubbed, status_error
 
 ASPECT_RATIOS = {
     "gemini": ("1:1", "2:3", "3:2", "3:4", "4:3", "4:5", "5:4", "9:16", "16:9", "21:9"),
@@ -159,7 +159,7 @@ def error_from_response(upstream: UpstreamConfig, status: int, body_text: str,
         seconds = retry_after_seconds(delay.strip().rstrip("s")) if isinstance(delay, str) else None
         seconds = seconds or retry_after_seconds(_header(headers, "Retry-After"))
         # Google's text speaks of "your quota"; say whose quota it is.
-        return RateLimited(f"The upstream '{upstream.name}' is rate limiting the gateway: {message}",
+        return RateLimited(f"The upstream '{upstream.name}' is rate limiting the gateway: {scrub(message, upstream)}",
                            headers={"Retry-After": seconds} if seconds else {})
     return status_error(upstream, status, message)
 
@@ -179,7 +179,8 @@ def _call(upstream: UpstreamConfig, url: str, body: dict, headers: dict[str, str
             return UpstreamError(f"The upstream '{upstream.name}' answered HTTP 200 with a body that is not JSON.")
         return parse(doc)
     except GatewayError as exc:
-        return exc
+        # Messages here may quote Google's words or the model's ("I can't draw that"); either may echo a key.
+        return scrubbed(exc, upstream)
 
 
 def _one_image(doc: Any) -> list[Image]:

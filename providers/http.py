@@ -7,9 +7,15 @@ path that is meant to cost under a millisecond.
 from __future__ import annotations
 
 import json
+import math
 import os
+import re
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
+import gevent
 import urllib3
 from urllib3.exceptions import HTTPError, MaxRetryError, NewConnectionError
 from urllib3.exceptions import TimeoutError as Urllib3Timeout
@@ -19,20 +25,90 @@ from errors import GatewayError, InvalidRequest, ModelNotFound, RateLimited, Ups
 
 _pools: dict[str, urllib3.PoolManager] = {}
 _pid = 0
+READ_SIZE = 65536
+MAX_MESSAGE_CHARS = 500  # an upstream's error text relayed to a client is cut to this
+MAX_RETRY_AFTER = 86400  # a Retry-After beyond a day is relayed as a day
+REDACTED = "[redacted]"
+
+# Text shaped like a credential, whoever it belongs to: upstreams echo request headers into error messages.
+_SECRETS = re.compile(
+    r"\b(?:proxy-)?authorization\b\"?\s*[:=]\s*\"?(?:(?:bearer|basic|token)\s+)?[^\s\"',;&]+"
+    r"|\b(?:x-goog-api-key|x-api-key|api-key)\b\"?\s*[:=]\s*\"?[^\s\"',;&]+"
+    r"|\bbearer\s+[^\s\"',;]+"
+    r"|\b(?:[a-z0-9]+[_.-])*key=[^\s&\"',;)]+"  # key=..., api_key=..., x-goog-api-key=...
+    r"|\bsk-[\w-]{8,}"  # OpenAI-style secret keys
+    r"|\bAIza[\w-]{20,}",  # Google API keys
+    re.IGNORECASE)
+
+
+def scrub(text: Any, upstream: UpstreamConfig | None = None, limit: int = MAX_MESSAGE_CHARS) -> str:
+    """Text from an upstream, fit for a client or a log line: without the upstream's key or anything shaped like
+    a bearer token or key= parameter, and at most `limit` characters."""
+    text = str(text)
+    key = upstream.api_key() if upstream else None
+    text = text[:limit * 8]  # the patterns run on a bounded prefix; the rest would be cut anyway
+    if key and len(key) >= 4:
+        # A key cut in two by the prefix would survive replace(): drop a trailing piece of it first.
+        for size in range(min(len(key) - 1, len(text)), 0, -1):
+            if text.endswith(key[:size]):
+                text = text[:-size]
+                break
+        text = text.replace(key, REDACTED)
+    text = _SECRETS.sub(REDACTED, text)
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
+def scrubbed(exc: GatewayError, upstream: UpstreamConfig | None = None) -> GatewayError:
+    """The same error with its message scrubbed (messages built from an upstream's words)."""
+    exc.message = scrub(exc.message, upstream)
+    exc.args = (exc.message,)
+    return exc
+
+
+@contextmanager
+def deadline(upstream: UpstreamConfig, at: float) -> Iterator[None]:
+    """Raise UpstreamTimeout (504) if the block is still running at monotonic time `at`.
+
+    Under the gevent worker a gevent.Timeout interrupts a read that trickles in a byte at a time, which the
+    per-read socket timeout never would; urllib3 closes a connection interrupted that way.
+    """
+    timer = gevent.Timeout(max(0.001, at - time.monotonic()))
+    timer.start()
+    try:
+        yield
+    except gevent.Timeout as exc:
+        if exc is not timer:
+            raise
+        raise _late(upstream) from None
+    finally:
+        timer.cancel()
+
+
+def _late(upstream: UpstreamConfig) -> UpstreamTimeout:
+    return UpstreamTimeout(f"The upstream '{upstream.name}' did not answer within its "
+                           f"{upstream.deadline_seconds():g} s deadline.")
+
+
+def _too_large(upstream: UpstreamConfig) -> UpstreamError:
+    return UpstreamError(f"The upstream '{upstream.name}' sent an answer larger than its limit of "
+                         f"{upstream.max_response_bytes} bytes.")
 
 
 class Reply:
-    """An upstream's answer: status, headers, and the body read whole or (stream=True) left on .raw."""
+    """An upstream's answer: status, headers, and the body read whole (bounded) or (stream=True) left on .raw."""
 
-    def __init__(self, resp: urllib3.BaseHTTPResponse, streaming: bool) -> None:
+    def __init__(self, resp: urllib3.BaseHTTPResponse, streaming: bool, deadline: float,
+                 body: bytes | None = None) -> None:
         self.raw = resp
         self.status_code = resp.status
         self.headers = resp.headers  # case-insensitive
+        self.deadline = deadline  # monotonic time a stream's first byte must arrive by
         self._streaming = streaming
+        self._body = body
 
     @property
     def content(self) -> bytes:
-        return self.raw.data
+        return self._body if self._body is not None else self.raw.data
 
     @property
     def text(self) -> str:
@@ -40,6 +116,12 @@ class Reply:
 
     def json(self) -> Any:
         return json.loads(self.content)
+
+    def load(self, upstream: UpstreamConfig) -> None:
+        """Read a stream's body whole after all (an error answer), bounded like a plain call's."""
+        with deadline(upstream, self.deadline):
+            self._body = _read_body(upstream, self.raw, self.deadline)
+        self._streaming = False
 
     def finish(self) -> None:
         """Read a finished stream's remainder (the chunked terminator), so close() can reuse its connection."""
@@ -79,15 +161,55 @@ def require_key(upstream: UpstreamConfig) -> str:
 
 def post(upstream: UpstreamConfig, url: str, payload: Any, headers: dict[str, str], *,
          stream: bool = False, timeout: float | None = None) -> Reply:
-    """POST JSON; transport failures become 502 (unreachable) or 504 (timed out)."""
+    """POST JSON; transport failures become 502 (unreachable) or 504 (timed out).
+
+    The answer must come within upstream.deadline_seconds(): all of it for a plain call, its headers for a
+    stream (iter_events holds the first byte to the same deadline). A plain answer is read in chunks and is a 502
+    past upstream.max_response_bytes, so no upstream can make the gateway buffer without bound.
+    """
     data = payload if isinstance(payload, bytes) else json.dumps(payload).encode()
     limit = urllib3.Timeout(connect=upstream.connect_timeout_seconds, read=timeout or upstream.timeout_seconds)
-    try:
-        resp = pool(upstream).urlopen("POST", url, body=data, headers={"Content-Type": "application/json", **headers},
-                                      preload_content=not stream, timeout=limit, redirect=False)
-    except (HTTPError, OSError) as exc:
-        raise transport_error(upstream, exc) from None
-    return Reply(resp, stream)
+    at = time.monotonic() + upstream.deadline_seconds()
+    with deadline(upstream, at):
+        try:
+            resp = pool(upstream).urlopen("POST", url, body=data,
+                                          headers={"Content-Type": "application/json", **headers},
+                                          preload_content=False, timeout=limit, redirect=False)
+        except (HTTPError, OSError) as exc:
+            raise transport_error(upstream, exc) from None
+        if stream:
+            return Reply(resp, True, at)
+        try:
+            body = _read_body(upstream, resp, at)
+        except BaseException:
+            resp.close()  # the unread rest makes the connection unusable
+            resp.release_conn()
+            raise
+    resp.release_conn()
+    return Reply(resp, False, at, body)
+
+
+def _read_body(upstream: UpstreamConfig, resp: urllib3.BaseHTTPResponse, at: float) -> bytes:
+    """The whole body, counted as it arrives; a 502 past max_response_bytes, a 504 past the deadline."""
+    cap = upstream.max_response_bytes
+    declared = resp.headers.get("Content-Length", "")
+    if declared.isdigit() and len(declared) < 20 and int(declared) > cap:
+        raise _too_large(upstream)  # said up front: nothing need be read
+    parts: list[bytes] = []
+    size = 0
+    while True:
+        try:
+            chunk = resp.read1(READ_SIZE)
+        except (HTTPError, OSError) as exc:
+            raise transport_error(upstream, exc) from None
+        if not chunk:
+            return b"".join(parts)
+        size += len(chunk)
+        if size > cap:
+            raise _too_large(upstream)
+        parts.append(chunk)
+        if time.monotonic() > at:  # without gevent (unit tests) the timer cannot interrupt a read; this can
+            raise _late(upstream)
 
 
 def transport_error(upstream: UpstreamConfig, exc: Exception) -> GatewayError:
@@ -102,18 +224,24 @@ def transport_error(upstream: UpstreamConfig, exc: Exception) -> GatewayError:
 
 
 def retry_after_seconds(value: str | None) -> str | None:
-    """A Retry-After value worth relaying: whole seconds, at least 1."""
-    if not value:
+    """A Retry-After value worth relaying: whole seconds, at least 1 and at most a day; None for nonsense."""
+    if not value or len(value) > 32:
         return None
     try:
-        return str(max(1, int(float(value) + 0.999)))
+        seconds = float(value)
     except ValueError:
-        return None
+        return None  # an HTTP date, or garbage: the client decides for itself
+    if not math.isfinite(seconds):
+        return None  # "inf" and "nan" parse as floats but are no delay
+    return str(min(MAX_RETRY_AFTER, max(1, math.ceil(seconds))))
 
 
 def status_error(upstream: UpstreamConfig, status: int, message: str, *, code: str | None = None,
                  param: str | None = None, retry_after: str | None = None) -> GatewayError:
-    """Map an upstream's HTTP error to the gateway's (DESIGN.md, Errors)."""
+    """Map an upstream's HTTP error to the gateway's; the upstream's message is scrubbed and cut short here."""
+    message = scrub(message, upstream)
+    code = scrub(code, upstream, 100) if code else None
+    param = scrub(param, upstream, 100) if param else None
     if status in (400, 422):
         return InvalidRequest(message, status=status, code=code, param=param)
     if status == 404:

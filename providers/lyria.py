@@ -18,7 +18,7 @@ from websockets.sync.client import ClientConnection, connect
 
 from config import UpstreamConfig
 from errors import ContentPolicy, InvalidRequest, UpstreamError, UpstreamTimeout
-from providers.http import require_key
+from providers.http import require_key, scrub
 
 SAMPLE_RATE = 48000
 CHANNELS = 2
@@ -61,8 +61,16 @@ log = logging.getLogger("gateway.lyria")
 
 
 def _is_number(value: Any) -> bool:
-    """True for a finite int or float; JSON true/false arrive as bool, a subclass of int, and are not numbers."""
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    """True for a finite int or float; JSON true/false arrive as bool, a subclass of int, and are not numbers.
+
+    An integer too large for a float (JSON allows 400 digits) is no number here, so it is a 400, not an
+    OverflowError."""
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
+        return False
+    try:
+        return math.isfinite(value)
+    except OverflowError:
+        return False
 
 
 def _prompt_list(items: Any, field: str) -> list[dict]:
@@ -179,9 +187,9 @@ def wav_bytes(pcm: bytes) -> bytes:
     return buf.getvalue()
 
 
-def _scrub(text: str, key: str) -> str:
-    """Text from the upstream, short and without the gateway's key, fit for an error message."""
-    return text.replace(key, "[key]")[:300] if key else text[:300]
+def _scrub(text: str, upstream: UpstreamConfig) -> str:
+    """Text from the upstream, short and without credentials, fit for an error message or a log line."""
+    return scrub(text, upstream, 300)
 
 
 def _field(obj: dict, camel: str, snake: str) -> Any:
@@ -206,7 +214,7 @@ def _open(stack: ExitStack, url: str, key: str, upstream: UpstreamConfig) -> Cli
         if status in (401, 403):
             raise UpstreamError(f"The music upstream refused the gateway's credentials (HTTP {status}); check the "
                                 f"key in {upstream.api_key_env}.") from None
-        body = _scrub(exc.response.body.decode("utf-8", "replace").strip(), key) if exc.response.body else ""
+        body = _scrub(exc.response.body.decode("utf-8", "replace").strip(), upstream) if exc.response.body else ""
         raise UpstreamError(f"The music upstream rejected the connection with HTTP {status}"
                             f"{': ' + body if body else ''}.") from None
     except TimeoutError:  # before OSError: TimeoutError is a subclass of it
@@ -215,7 +223,7 @@ def _open(stack: ExitStack, url: str, key: str, upstream: UpstreamConfig) -> Cli
     except InvalidURI:
         raise UpstreamError(f"The upstream '{upstream.name}' base_url is not a valid websocket URL.") from None
     except (OSError, WebSocketException) as exc:
-        raise UpstreamError(f"Could not connect to the music upstream: {_scrub(str(exc), key)}.") from None
+        raise UpstreamError(f"Could not connect to the music upstream: {_scrub(str(exc), upstream)}.") from None
 
 
 def _recv(ws: ClientConnection, deadline: float, idle: float) -> dict:
@@ -233,7 +241,8 @@ def _recv(ws: ClientConnection, deadline: float, idle: float) -> dict:
     return msg
 
 
-def _collect(ws: ClientConnection, want: int, deadline: float, idle: float) -> bytearray:
+def _collect(ws: ClientConnection, want: int, deadline: float, idle: float,
+             upstream: UpstreamConfig) -> bytearray:
     """Audio chunks until `want` bytes have arrived, raising on a filtered prompt; warnings are only logged."""
     pcm = bytearray()
     while len(pcm) < want:
@@ -255,7 +264,7 @@ def _collect(ws: ClientConnection, want: int, deadline: float, idle: float) -> b
             raise ContentPolicy(f"The music prompt {text!r} was blocked by the upstream's safety filter: {reason}",
                                 param="prompt")
         elif "warning" in msg:
-            log.warning("Lyria warning (generation continues): %s", msg["warning"])
+            log.warning("Lyria warning (generation continues): %s", _scrub(str(msg["warning"]), upstream))
     return pcm
 
 
@@ -287,7 +296,7 @@ def generate_music(upstream: UpstreamConfig, model: str, prompts: list[dict], co
             if config:
                 ws.send(json.dumps({"musicGenerationConfig": config}))
             ws.send(json.dumps({"playbackControl": "PLAY"}))
-            pcm = _collect(ws, want, deadline, idle)
+            pcm = _collect(ws, want, deadline, idle, upstream)
             try:
                 ws.send(json.dumps({"playbackControl": "STOP"}))  # polite; closing ends the session anyway
             except ConnectionClosed:
@@ -295,8 +304,9 @@ def generate_music(upstream: UpstreamConfig, model: str, prompts: list[dict], co
             return bytes(pcm[:want])
         except ConnectionClosed as exc:
             code, reason = (exc.rcvd.code, exc.rcvd.reason) if exc.rcvd else (1006, "connection lost")
+            reason = _scrub(reason, upstream) or "no reason given"
             raise UpstreamError(f"The music upstream closed the session during {phase} before the clip was "
-                                f"complete (close code {code}: {_scrub(reason, key) or 'no reason given'}).") from None
+                                f"complete (close code {code}: {reason}).") from None
         except TimeoutError:
             what = "did not finish setup" if phase == "setup" else f"did not deliver {seconds:g} s of audio"
             raise UpstreamTimeout(f"The music upstream {what} in time.") from None

@@ -11,9 +11,17 @@ from typing import Any
 
 from config import UpstreamConfig
 from errors import GatewayError, UpstreamError, UpstreamTimeout
-from providers.http import Reply, post, require_key, retry_after_seconds, status_error, transport_error
-
-READ_SIZE = 65536
+from providers.http import (
+    READ_SIZE,
+    Reply,
+    deadline,
+    post,
+    require_key,
+    retry_after_seconds,
+    scrub,
+    status_error,
+    transport_error,
+)
 
 
 def parse_error(upstream: UpstreamConfig, resp: Reply) -> GatewayError:
@@ -29,9 +37,9 @@ def parse_error(upstream: UpstreamConfig, resp: Reply) -> GatewayError:
             code = err.get("code") if isinstance(err.get("code"), str) else None
             param = err.get("param") if isinstance(err.get("param"), str) else None
     except ValueError:
-        text = resp.text.strip()
+        text = resp.content[:8192].decode("utf-8", "replace").strip()
         if text:
-            message = text[:500]
+            message = text  # status_error scrubs and shortens it
     return status_error(upstream, resp.status_code, message, code=code, param=param,
                         retry_after=retry_after_seconds(resp.headers.get("Retry-After")))
 
@@ -68,23 +76,98 @@ def open_stream(upstream: UpstreamConfig, path: str, body: dict) -> Reply:
     resp = post(upstream, _url(upstream, path), body, headers, stream=True)
     if resp.status_code != 200:
         try:
+            resp.load(upstream)
             raise parse_error(upstream, resp)
         finally:
             resp.close()
     return resp
 
 
+class SSEParser:
+    """An incremental server-sent-events parser: feed() each read's bytes, get back the data of each event it ended.
+
+    Lines may end in LF, CRLF or CR (the SSE spec allows all three; sse-starlette, used by llama-cpp-python's
+    server, sends CRLF), also when a read ends between a CR and its LF. Each byte is looked at once, and an
+    event is capped at max_event_bytes, so an upstream that never ends its event cannot make the gateway buffer
+    or rescan without bound.
+    """
+
+    def __init__(self, upstream_name: str, max_event_bytes: int) -> None:
+        self.name = upstream_name
+        self.max_event_bytes = max_event_bytes
+        self._line = bytearray()  # the unfinished last line
+        self._data: list[bytes] = []  # the current event's data lines
+        self._size = 0  # bytes in self._data
+        self._skip_lf = False  # the last read ended in CR: an LF starting the next one ends no further line
+
+    def feed(self, chunk: bytes) -> list[bytes]:
+        """The data of each event completed by this chunk (comments and data-less events are left out)."""
+        if self._skip_lf:
+            self._skip_lf = False
+            if chunk[:1] == b"\n":
+                chunk = chunk[1:]
+        if b"\r" in chunk:
+            self._skip_lf = chunk.endswith(b"\r")
+            chunk = chunk.replace(b"\r\n", b"\n").replace(b"\r", b"\n")
+        lines = chunk.split(b"\n")
+        events: list[bytes] = []
+        if len(lines) > 1:
+            if self._line:
+                self._line += lines[0]
+                lines[0] = bytes(self._line)
+                self._line = bytearray()
+            for line in lines[:-1]:
+                self._take(line, events)
+        self._line += lines[-1]
+        if self._size + len(self._line) > self.max_event_bytes:
+            raise UpstreamError(f"The upstream '{self.name}' sent a stream event larger than "
+                                f"{self.max_event_bytes} bytes.")
+        return events
+
+    def _take(self, line: bytes, events: list[bytes]) -> None:
+        if not line:  # a blank line ends the event
+            if self._data:
+                data = b"\n".join(self._data)
+                self._data, self._size = [], 0
+                if data:
+                    events.append(data)
+            return
+        if line.startswith(b"data"):
+            if line.startswith(b"data:"):
+                value = line[6:] if line[5:6] == b" " else line[5:]
+            elif line == b"data":
+                value = b""
+            else:
+                return  # a field such as "dataset:" is not data
+            self._size += len(value) + 1
+            if self._size > self.max_event_bytes:
+                raise UpstreamError(f"The upstream '{self.name}' sent a stream event larger than "
+                                    f"{self.max_event_bytes} bytes.")
+            self._data.append(value)
+        # Comments (":...") and other fields (event:, id:, retry:) carry nothing the relay uses.
+
+
 def iter_events(upstream: UpstreamConfig, resp: Reply) -> Iterator[bytes]:
     """The `data:` payloads of an SSE stream as they arrive, ending at `[DONE]` (not yielded).
 
-    Reads with read1 so events arrive as sent even from upstreams that do not use chunked encoding
-    (RUNTIME.md 2.2). Raises UpstreamError if the stream ends without `[DONE]`.
+    Reads with read1 so events arrive as sent even from upstreams that do not use chunked encoding.
+    The first byte must come by the call's deadline (504); after that only timeout_seconds per read applies,
+    so a long healthy stream is never cut. An error event's message is scrubbed of credentials here, before
+    the relay copies it to the client. Raises UpstreamError if the stream ends without `[DONE]`.
     """
     raw = resp.raw
-    buf = b""
+    parser = SSEParser(upstream.name, upstream.max_event_bytes)
+    first = True
     while True:
         try:
-            chunk = raw.read1(READ_SIZE)
+            if first:
+                with deadline(upstream, resp.deadline):
+                    chunk = raw.read1(READ_SIZE)
+                first = False
+            else:
+                chunk = raw.read1(READ_SIZE)
+        except GatewayError:
+            raise
         except Exception as exc:  # urllib3's ProtocolError, ReadTimeoutError, socket errors
             err = transport_error(upstream, exc)
             if isinstance(err, UpstreamTimeout):
@@ -92,29 +175,29 @@ def iter_events(upstream: UpstreamConfig, resp: Reply) -> Iterator[bytes]:
             raise UpstreamError(f"The upstream '{upstream.name}' broke off the stream.") from None
         if not chunk:
             raise UpstreamError(f"The upstream '{upstream.name}' ended the stream before it was complete.")
-        if b"\r" in chunk:
-            chunk = chunk.replace(b"\r\n", b"\n")
-        buf += chunk
-        while True:
-            end = buf.find(b"\n\n")
-            if end < 0:
-                break
-            event, buf = buf[:end], buf[end + 2:]
-            data = _event_data(event)
-            if data is None:
-                continue
+        for data in parser.feed(chunk):
             if data == b"[DONE]":
                 return
+            if b'"error"' in data:
+                data = scrub_error_event(upstream, data)
             yield data
 
 
-def _event_data(event: bytes) -> bytes | None:
-    """The data of one SSE event; None for comments and events without data."""
-    if event.startswith(b"data: ") and b"\n" not in event:
-        return event[6:]  # the usual case, one line
-    lines = [ln[5:].lstrip(b" ") if ln.startswith(b"data:") else None for ln in event.split(b"\n")]
-    data = [ln for ln in lines if ln is not None]
-    return b"\n".join(data) if data else None
+def scrub_error_event(upstream: UpstreamConfig, data: bytes) -> bytes:
+    """An event carrying {"error": ...} with its text scrubbed and shortened; any other event unchanged."""
+    try:
+        obj = json.loads(data)
+    except ValueError:
+        return data
+    if not isinstance(obj, dict) or obj.get("error") is None:
+        return data
+    err = obj["error"]
+    if isinstance(err, dict):
+        obj["error"] = {k: scrub(v, upstream) if isinstance(v, str) else v for k, v in err.items()
+                        if isinstance(v, (str, int, float, bool)) or v is None}
+    else:
+        obj["error"] = {"message": scrub(err, upstream)}
+    return json.dumps(obj, separators=(",", ":")).encode()
 
 
 def generate_images(upstream: UpstreamConfig, body: dict) -> dict[str, Any]:

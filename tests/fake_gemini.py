@@ -13,6 +13,8 @@ Behaviour is picked by magic words in the prompt:
   [flaky]     every second [flaky] call is a 503
   [slow]      sleep slow_seconds (3 s) before answering
   [garbage]   200 with a body that is not JSON
+Hostile: [echo400] [echo404] [echo429] [echo500] answer that error with a message repeating the key (as the
+x-goog-api-key header, as ?key=... and bare); [echo-noimage] answers no image with model text repeating it.
 
 Model ids starting "imagen" exist only for :predict, all others only for generateContent; a model id
 containing "missing" does not exist.
@@ -209,12 +211,26 @@ class FakeGemini:
         if problem:
             return _bad_argument(problem)
         prompt = body["instances"][0]["prompt"] if method == "predict" else body["contents"][0]["parts"][0]["text"]
-        failure = self._failure(prompt)
+        failure = self._echo(prompt, headers) or self._failure(prompt)
         if failure:
             return failure
         if method == "predict":
             return 200, self._predict(prompt, body["parameters"])
         return 200, self._generate_content(model, prompt, body["generationConfig"]["imageConfig"]["aspectRatio"])
+
+    def _echo(self, prompt: str, headers: dict[str, str]) -> tuple[int, Any] | None:
+        """Errors that repeat the caller's credentials, as some proxies in front of Google do."""
+        key = headers.get("x-goog-api-key", "")
+        text = (f"Request rejected. x-goog-api-key: {key}; see https://proxy.invalid/v1beta?key={key} "
+                f"(key {key}); headers: {json.dumps(headers)}")
+        for code, status in ((400, "INVALID_ARGUMENT"), (404, "NOT_FOUND"), (429, "RESOURCE_EXHAUSTED"),
+                             (500, "INTERNAL")):
+            if f"[echo{code}]" in prompt:
+                return code, google_error(code, status, text)
+        if "[echo-noimage]" in prompt:
+            return 200, {"candidates": [{"finishReason": "NO_IMAGE", "index": 0,
+                                         "content": {"role": "model", "parts": [{"text": text}]}}]}
+        return None
 
     def _failure(self, prompt: str) -> tuple[int, Any] | None:
         if "[slow]" in prompt:

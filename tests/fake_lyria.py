@@ -5,6 +5,8 @@ Behaviour is chosen by magic words in the prompt text:
   [warn]       send a warning frame first, then play normally
   [close1011]  close with 1011 "internal error" after about 1 s of audio
   [stall]      accept PLAY but never send audio
+  [echo-close] close with 1011 and a reason repeating the key (as x-goog-api-key: and key=) after about 1 s
+  [echo-warn]  send a warning frame repeating the key, then play normally
   [nosetup]    never answer setup; since prompts only follow setupComplete, this word is read from the setup
                model name (e.g. "lyria-realtime-exp[nosetup]") or given to the constructor as `behaviour`.
 """
@@ -25,7 +27,7 @@ from websockets.http11 import Request, Response
 from websockets.sync.server import Server, ServerConnection, serve
 
 RATE, CHANNELS, WIDTH = 48000, 2, 2
-MAGIC = ("[filter]", "[warn]", "[close1011]", "[stall]", "[nosetup]")
+MAGIC = ("[filter]", "[warn]", "[close1011]", "[stall]", "[nosetup]", "[echo-close]", "[echo-warn]")
 MIME = "audio/l16;rate=48000;channels=2"
 
 
@@ -159,6 +161,9 @@ class FakeLyria:
                             "text": prompts[0]["text"], "filteredReason": "The prompt was filtered for safety."}}))
                     elif mode == "[warn]":
                         ws.send(json.dumps({"warning": "Prompt is very short; results may vary."}))
+                    elif mode == "[echo-warn]":
+                        warning = f"Deprecated auth x-goog-api-key: {self.key} (send it as a header)"
+                        ws.send(json.dumps({"warning": warning}))
                 elif control == "PLAY":
                     if not prompts:
                         return self._close(ws, session, 1007, "Send weighted prompts before PLAY.")
@@ -175,5 +180,7 @@ class FakeLyria:
                 session["sent_seconds"] += self.chunk_seconds
                 if mode == "[close1011]" and session["sent_seconds"] >= 1.0:
                     return self._close(ws, session, 1011, "internal error")
+                if mode == "[echo-close]" and session["sent_seconds"] >= 1.0:
+                    return self._close(ws, session, 1011, f"quota for x-goog-api-key: {self.key} key={self.key}")
                 if session["sent_seconds"] >= self.max_seconds:
                     playing = False

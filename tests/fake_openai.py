@@ -19,6 +19,18 @@ Behaviour is chosen by magic words in the last message (or the prompt):
 Hold tests:
   [wait=S]      sleep S seconds before a non-streamed answer (so parallel requests overlap)
   [usage=tiktoken]  report the prompt's tokens as OpenAI counts them (o200k_base, 3 per message + 3), 1 completion
+Hostile upstreams (the block at the end of _Handler):
+  [echo400] [echo404] [echo429] [echo500]  that error, its message repeating the Authorization header, the key
+                as ?key=..., and every request header (as some self-hosted servers and proxies do)
+  [echo500-text]     a 500 whose body is plain text repeating the same
+  [echo-midstream]   stream one chunk, then a data: {"error": ...} event repeating the same
+  [retry-inf]   429 with Retry-After: inf
+  [huge-event=M]     stream M MiB of one event that never ends (no blank line), then hang up
+  [crlf]        stream with CRLF line endings, each CR and LF written (and flushed) on its own
+  [drip]        answer 200 with Content-Length 10000, then one body byte every 0.2 s (at most 60 s)
+  [drip-headers]     send the status line and headers one byte every 0.2 s (at most 60 s)
+  [oversize=M]  answer 200 with an M MiB JSON body and its Content-Length
+  [oversize-chunked=M]  the same, chunked, with no Content-Length
 Run alone for demos: python -m tests.fake_openai --port 9999 --key sk-upstream
 """
 from __future__ import annotations
@@ -103,6 +115,8 @@ class _Handler(BaseHTTPRequestHandler):
             return self._error(400, "bad body", "invalid_request_error")
         text = _last_text(body)
         self.last_body = body
+        if self._hostile(body, text):
+            return
         for status, type_ in ((400, "invalid_request_error"), (401, "invalid_request_error"),
                               (429, "requests"), (500, "server_error")):
             if f"[error{status}]" in text:
@@ -251,6 +265,131 @@ class _Handler(BaseHTTPRequestHandler):
         n = body.get("n") or 1
         png = "iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR42mP8z8BQDwAEhQGAhKmMIQAAAABJRU5ErkJggg=="
         self._json(200, {"created": int(time.time()), "data": [{"b64_json": png} for _ in range(n)]})
+
+
+    # Hostile upstreams: echoed credentials, unending events, CRLF split reads, drips and oversized answers.
+
+    def _echo_text(self) -> str:
+        headers = {k: v for k, v in self.headers.items()}
+        return (f"Invalid request. Authorization: {self.headers.get('Authorization')}; retry with "
+                f"https://upstream.invalid/v1?key={self.server.key} or api_key={self.server.key}; "
+                f"raw key {self.server.key}; request headers: {json.dumps(headers)}")
+
+    def _hostile(self, body: dict, text: str) -> bool:
+        """Answer for a hostile magic word and return True, or return False to go on as usual."""
+        for status in (400, 404, 429, 500):
+            if f"[echo{status}]" in text:
+                self._error(status, self._echo_text(), "invalid_request_error", None,
+                            {"Retry-After": "3"} if status == 429 else None)
+                return True
+        if "[echo500-text]" in text:
+            self._raw(500, self._echo_text().encode(), "text/plain")
+            return True
+        if "[retry-inf]" in text:
+            self._error(429, "Slow down.", "requests", None, {"Retry-After": "inf"})
+            return True
+        m = re.search(r"\[oversize(-chunked)?=(\d+)\]", text)
+        if m:
+            size = int(m.group(2)) << 20
+            data = b'{"id": "x", "pad": "' + b"a" * size + b'"}'
+            if m.group(1):
+                self._chunked_head(200, "application/json")
+                try:
+                    for i in range(0, len(data), 65536):
+                        self._write(data[i:i + 65536])
+                    self._write(b"")
+                except (BrokenPipeError, ConnectionResetError):
+                    pass
+            else:
+                self._raw(200, data, "application/json")
+            return True
+        if "[drip-headers]" in text:
+            head = b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nTransfer-Encoding: chunked\r\n\r\n"
+            self._drip((head * 100)[:300])
+            return True
+        if "[drip]" in text:
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", "10000")
+            self.end_headers()
+            self.wfile.flush()
+            self._drip(b" " * 300)
+            return True
+        if not body.get("stream"):
+            return False
+        m = re.search(r"\[huge-event=(\d+)\]", text)
+        if m:
+            self._chunked_head(200, "text/event-stream")
+            try:
+                self._write(b'data: {"choices": [{"delta": {"content": "')
+                piece = b"a" * 65536
+                for _ in range(int(m.group(1)) * 16):
+                    self._write(piece)
+            except (BrokenPipeError, ConnectionResetError):
+                self.server.disconnects += 1
+            self.close_connection = True
+            return True
+        if "[echo-midstream]" in text:
+            self._chunked_head(200, "text/event-stream")
+            chunk = {"id": "c", "object": "chat.completion.chunk", "created": 1, "model": body["model"],
+                     "choices": [{"index": 0, "delta": {"content": "tok0 "}, "finish_reason": None}]}
+            self._write(b"data: " + json.dumps(chunk).encode() + b"\n\n")
+            error = {"error": {"message": self._echo_text(), "type": "server_error", "param": None, "code": None}}
+            self._write(b"data: " + json.dumps(error).encode() + b"\n\n")
+            self._write(b"")
+            return True
+        if "[crlf]" in text:
+            self._crlf_stream(body)
+            return True
+        return False
+
+    def _raw(self, status: int, data: bytes, content_type: str) -> None:
+        self.send_response(status)
+        self.send_header("Content-Type", content_type)
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        try:
+            self.wfile.write(data)
+        except (BrokenPipeError, ConnectionResetError):
+            pass
+
+    def _chunked_head(self, status: int, content_type: str) -> None:
+        self.send_response(status)
+        self.send_header("Content-Type", content_type)
+        self.send_header("Transfer-Encoding", "chunked")
+        self.end_headers()
+
+    def _drip(self, data: bytes) -> None:
+        """Write data a byte every 0.2 s until it is gone or the reader hangs up."""
+        self.close_connection = True
+        try:
+            for i in range(len(data)):
+                self.wfile.write(data[i:i + 1])
+                self.wfile.flush()
+                time.sleep(0.2)
+        except (BrokenPipeError, ConnectionResetError):
+            self.server.disconnects += 1
+
+    def _crlf_stream(self, body: dict) -> None:
+        """sse-starlette's framing (CRLF), split so that reads end inside every CR LF CR LF."""
+        self._chunked_head(200, "text/event-stream")
+        docs = [{"id": "c", "object": "chat.completion.chunk", "created": 1, "model": body["model"],
+                 "choices": [{"index": 0, "delta": {"content": f"tok{i} "}, "finish_reason": None}]}
+                for i in range(4)]
+        docs.append({"id": "c", "object": "chat.completion.chunk", "created": 1, "model": body["model"],
+                     "choices": [], "usage": {"prompt_tokens": 11, "completion_tokens": 4, "total_tokens": 15}})
+        stream = b"".join(b": ping\r\n\r\ndata: " + json.dumps(doc).encode() + b"\r\n\r\n" for doc in docs)
+        stream += b"data: [DONE]\r\n\r\n"
+        pieces = re.split(rb"(\r|\n)", stream)
+        try:
+            for piece in pieces:
+                if piece:
+                    self._write(piece)
+                    if piece in (b"\r", b"\n"):
+                        time.sleep(0.002)  # so the gateway's read ends here
+            self._write(b"")
+        except (BrokenPipeError, ConnectionResetError):
+            self.server.disconnects += 1
 
 
 class _Server(ThreadingHTTPServer):
