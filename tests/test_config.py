@@ -55,7 +55,8 @@ def test_defaults_and_exact_prices():
     (GOOD + "[vision]\nbridge_model = \"m\"\n", "with vision = true"),
     (GOOD + "[nonsense]\n", "[nonsense] is not a section"),
     (GOOD.replace('base_url = "http://127.0.0.1:1/v1"\n', ""), "needs base_url"),
-    (GOOD.replace('kind = "openai"', 'kind = "lyria"'), "its upstream must be of kind openai"),
+    (GOOD.replace('kind = "openai"', 'kind = "lyria"').replace("http://", "ws://"),
+     "its upstream must be of kind openai"),
 ])
 def test_bad_config_names_the_key(text, words):
     with pytest.raises(config.ConfigError) as exc:
