@@ -1,6 +1,7 @@
 """config.toml, read once into frozen dataclasses and validated; a bad file stops start-up with one sentence."""
 from __future__ import annotations
 
+import importlib.util
 import os
 import tomllib
 from dataclasses import MISSING, dataclass, field, fields
@@ -21,6 +22,7 @@ URL_SCHEMES = {"openai": ("http", "https"), "gemini": ("http", "https"), "lyria"
 STORAGE_SCHEMES = ("memory", "redis", "rediss", "redis+unix", "redis+cluster", "redis+sentinel", "valkey",
                    "valkeys", "valkey+unix", "valkey+cluster", "valkey+sentinel", "memcached", "mongodb",
                    "mongodb+srv")
+STORAGE_DRIVERS = {"redis": "redis", "valkey": "valkey", "memcached": "pymemcache", "mongodb": "pymongo"}
 MAX_PRICE = 10**6  # credits per million tokens, per image or per second
 # Sane ranges for numeric settings, by name: (least, most). Beyond them a value is a typo or harms the gateway
 # (max_body_bytes = 0 refuses every request, pool_size = 0 deadlocks every upstream call, a heartbeat of 1e400
@@ -163,7 +165,8 @@ def _typed(where: str, value: Any, default: Any, annotation: str) -> Any:
             raise ConfigError(f"{where} must be a number such as 0.4, not {value!r}.")
         value = Decimal(value)
         if not value.is_finite() or value < 0 or value > MAX_PRICE:
-            raise ConfigError(f"{where} must be a price of zero or more, at most {MAX_PRICE} credits, not {value}; fix the number.")
+            raise ConfigError(f"{where} must be a price of zero or more, at most {MAX_PRICE} credits, not {value}; "
+                              "fix the number.")
         if (value * NANO) != int(value * NANO):
             raise ConfigError(f"{where} must be zero or more with at most 9 decimal places, not {value}.")
         return value
@@ -255,6 +258,10 @@ def parse(raw: dict, path: str = "") -> Config:
         raise ConfigError(f"[limits].storage_uri {cfg.limits.storage_uri!r} must start with one of "
                           f"{', '.join(s + '://' for s in STORAGE_SCHEMES)}; use \"memory://\" for one worker or "
                           "\"redis://HOST:6379/0\" for several.")
+    driver = next((module for prefix, module in STORAGE_DRIVERS.items() if scheme.startswith(prefix)), None)
+    if driver and importlib.util.find_spec(driver) is None:  # looked up, not imported
+        raise ConfigError(f"[limits].storage_uri {cfg.limits.storage_uri!r} needs the Python package {driver!r}, "
+                          f"which is not installed; install it or use \"memory://\".")
     if cfg.limits.strategy not in ("fixed-window", "moving-window", "sliding-window-counter"):
         raise ConfigError("[limits].strategy must be fixed-window, moving-window or sliding-window-counter.")
     bridge = cfg.vision.bridge_model
