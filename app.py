@@ -9,6 +9,7 @@ import json
 import logging
 import math
 import os
+import sqlite3
 import sys
 import time
 from datetime import UTC, datetime
@@ -72,7 +73,13 @@ def create_app(cfg: config_mod.Config | None = None) -> Flask:
     database = cfg.server.database
     db.init(database)  # gunicorn's master did it already (on_starting); for `flask` commands this is the first
     tokens.seed_cache(os.path.join(os.path.dirname(database), ".tiktoken"))
-    released = billing.release_orphans(database, cfg.server.hold_ttl_seconds)
+    try:
+        released = billing.release_orphans(database, cfg.server.hold_ttl_seconds)
+    except sqlite3.OperationalError as exc:
+        # Another process has held the write lock for db.LOCK_WAIT_SECONDS (a long CLI command, a checkpoint):
+        # the orphans wait for the next start-up rather than this one failing.
+        log.warning("could not return orphaned holds at start-up (%s); the next start-up will", exc)
+        released = 0
     if released:
         log.warning("returned %d hold(s) left by a process that is gone", released)
     for model in cfg.models.values():

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import os
 import random
+import re
 import sqlite3
 import time
 from collections.abc import Callable, Iterator
@@ -90,7 +91,19 @@ def _checkpoints(path: str) -> None:
             pass  # busy or locked: the next round catches up
 
 
-def init(path: str, wait_seconds: float = SETUP_WAIT_SECONDS) -> None:
+def _applied(conn: sqlite3.Connection, schema: str) -> bool:
+    """Whether schema.sql is already in the file (WAL on, its tables and user_version there), found by reads only,
+    so that start-up and every CLI command need no write lock on a database that is ready."""
+    if conn.execute("PRAGMA journal_mode").fetchone()[0].lower() != "wal":
+        return False
+    wanted = set(re.findall(r"CREATE\s+(?:TABLE|INDEX)\s+IF\s+NOT\s+EXISTS\s+(\w+)", schema, re.IGNORECASE))
+    have = {row[0] for row in conn.execute("SELECT name FROM sqlite_master")}
+    version = re.search(r"PRAGMA\s+user_version\s*=\s*(\d+)", schema, re.IGNORECASE)
+    current = conn.execute("PRAGMA user_version").fetchone()[0]
+    return wanted <= have and (version is None or current == int(version.group(1)))
+
+
+def init(path: str, wait_seconds: float | None = None) -> None:
     """Create the database file and apply schema.sql (idempotent); safe with any number of processes at once.
 
     Raises DatabaseSetupError with one sentence for a path that cannot be a database, or a lock held longer
@@ -107,13 +120,16 @@ def init(path: str, wait_seconds: float = SETUP_WAIT_SECONDS) -> None:
     except OSError as exc:
         raise DatabaseSetupError(f"{where}: its directory {str(target.parent)!r} cannot be created "
                                  f"({exc.strerror}); create it or choose a writable path.") from None
+    wait_seconds = SETUP_WAIT_SECONDS if wait_seconds is None else wait_seconds
+    schema = SCHEMA.read_text()
     deadline = time.monotonic() + wait_seconds
     delay = 0.01
     while True:
         try:
             conn = connect(path, busy_seconds=max(0.0, min(5.0, deadline - time.monotonic())))
             try:
-                conn.executescript(SCHEMA.read_text())  # sets WAL, which is persistent in the file
+                if not _applied(conn, schema):
+                    conn.executescript(schema)  # sets WAL, which is persistent in the file
             finally:
                 conn.close()
             return
