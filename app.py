@@ -16,6 +16,7 @@ from datetime import UTC, datetime
 
 from flask import Flask, Response, current_app, g, has_request_context, request
 from flask_limiter import ApplicationLimit, Limiter, RateLimitExceeded
+from gunicorn.http.errors import ParseException
 from limits.errors import ConfigurationError as LimitsConfigurationError
 from werkzeug.exceptions import HTTPException
 
@@ -278,7 +279,7 @@ def _read_body(limit: int) -> bytes:
                 return b"".join(parts)
             parts.append(chunk)
             size += len(chunk)
-    except (OSError, ValueError) as exc:  # gunicorn's InvalidChunkSize, ChunkMissingTerminator, NoMoreData
+    except (OSError, ValueError, ParseException) as exc:  # InvalidChunkSize, ChunkMissingTerminator, NoMoreData
         # gunicorn marks the body failed itself, and closes the connection after this answer.
         raise InvalidRequest(f"The chunked request body is malformed ({type(exc).__name__}); send a valid "
                              "chunked body or a Content-Length.", code="invalid_body") from None

@@ -16,7 +16,7 @@ _PARSER_CODES = {400: "invalid_request", 403: "forbidden", 414: "request_line_to
 
 def write_json_error(sock, status_int, reason, mesg):
     """gunicorn's util.write_error, answering in OpenAI's JSON error shape instead of an HTML page."""
-    client_error = 400 <= status_int < 500
+    client_error = 400 <= status_int < 500 or status_int == 501  # 501: a transfer coding the client chose
     body = json.dumps({"error": {
         "message": f"{reason}: {mesg}" if mesg else f"{reason}.",
         "type": "invalid_request_error" if client_error else "api_error",
