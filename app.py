@@ -69,7 +69,8 @@ def create_app(cfg: config_mod.Config | None = None) -> Flask:
     cfg = cfg or config_mod.load()
     app = Flask(__name__)
     app.config["GATEWAY"] = cfg
-    # Chunked bodies have no Content-Length to check up front; Werkzeug stops reading them at this size.
+    # A body with a Content-Length is checked against this before it is read (authenticate) and by Werkzeug;
+    # a chunked one has none, and _read_body counts it instead (Werkzeug would stop at the limit silently).
     app.config["MAX_CONTENT_LENGTH"] = cfg.server.max_body_bytes
     database = cfg.server.database
     db.init(database)  # gunicorn's master did it already (on_starting); for `flask` commands this is the first
