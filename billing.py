@@ -16,6 +16,11 @@ from config import NANO, ModelConfig
 from errors import InsufficientCredits
 
 MILLION = 1_000_000
+# The most credits a key may hold, be given or be topped up with: 10^18 nano-credits, far inside SQLite's signed
+# 64-bit integers, so a balance plus its open holds and a ledger sum can never overflow into a REAL.
+MAX_CREDITS = 10**9
+MAX_NANO = MAX_CREDITS * NANO
+
 # The most tokens one usage report may claim for one side. No model reads or writes this many in one request;
 # a larger number is a broken upstream, and trusting it would turn into an absurd (or float-sized) charge.
 MAX_REPORTED_TOKENS = 100_000_000
@@ -100,13 +105,16 @@ def format_credits(nano: int) -> str:
 
 
 def parse_credits(text: str | int | Decimal) -> int:
-    """Credits written as a decimal ('0.5', '10') to nano-credits; refuses negatives and sub-nano precision."""
+    """Credits written as a decimal ('0.5', '10') to nano-credits; refuses negatives, sub-nano precision and
+    more than MAX_CREDITS. The ValueError's text completes "AMOUNT credits ..." style sentences for the CLI."""
     try:
         value = Decimal(str(text).strip())
     except InvalidOperation:
         raise ValueError(f"{text!r} is not a number of credits") from None
     if not value.is_finite() or value < 0:
         raise ValueError(f"{text!r} must be zero or more credits")
+    if value > MAX_CREDITS:
+        raise ValueError(f"{text!r} is more than the {MAX_CREDITS} credits a key can hold")
     nano = value * NANO
     if nano != nano.to_integral_value():
         raise ValueError(f"{text!r} has more than 9 decimal places")

@@ -1,8 +1,12 @@
 """The operator's commands: `flask --app app keys create|list|topup|revoke`, `usage`, `audit`, `init-db`."""
 from __future__ import annotations
 
+import functools
+import sqlite3
 import sys
+from collections.abc import Callable
 from datetime import datetime
+from typing import Any
 
 import click
 from flask import Flask, current_app
@@ -11,12 +15,50 @@ import billing
 import db
 import keys
 
+# Key ids are SQLite integers; a larger number would overflow the query instead of finding no key.
+_KEY_ID = click.IntRange(min=1, max=2**63 - 1)
 
-def _credits(value: str) -> int:
+
+def _credits(value: str, what: str, fix: str) -> int:
     try:
         return billing.parse_credits(value)
     except ValueError as exc:
-        raise click.BadParameter(str(exc)) from None
+        raise click.ClickException(f"{what}: {exc}; {fix}.") from None
+
+
+def _limit_option(ctx: click.Context, param: click.Parameter, value: str | None) -> int | None:
+    """--rpm/--rpd as a whole number from 0 to keys.MAX_LIMIT, or one sentence saying what to give instead."""
+    if value is None:
+        return None
+    text = value.strip()
+    if not text.isdigit() or int(text) > keys.MAX_LIMIT:
+        raise click.ClickException(f"No key was created: --{param.name} {value!r} must be a whole number from 0 "
+                                   f"(unlimited) to {keys.MAX_LIMIT}; give one in that range.")
+    return int(text)
+
+
+def _writes(command: Callable[..., Any]) -> Callable[..., Any]:
+    """A database error becomes one sentence saying nothing was written, never a traceback.
+
+    Each command writes in one transaction, so a failure before its COMMIT leaves the database as it was.
+    """
+    @functools.wraps(command)
+    def run(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return command(*args, **kwargs)
+        except db.DatabaseSetupError as exc:
+            raise click.ClickException(str(exc)) from None
+        except sqlite3.OperationalError as exc:
+            if "locked" in str(exc) or "busy" in str(exc):
+                raise click.ClickException(
+                    f"The database {_db()} stayed locked by another writer for {db.SETUP_WAIT_SECONDS:g} s; "
+                    "nothing was written; run the command again.") from None
+            raise click.ClickException(f"The database {_db()} refused the command ({exc}); nothing was written.") \
+                from None
+        except sqlite3.Error as exc:
+            raise click.ClickException(f"The database {_db()} refused the command ({exc}); nothing was written.") \
+                from None
+    return run
 
 
 def _db() -> str:
@@ -35,11 +77,13 @@ def register(app: Flask) -> None:
     @group.command("create")
     @click.option("--name", required=True, help="A label for the key's holder.")
     @click.option("--credits", "amount", required=True, help="Opening balance in credits, e.g. 5 or 0.5.")
-    @click.option("--rpm", type=click.IntRange(min=0), default=None, help="Requests per minute (0: unlimited).")
-    @click.option("--rpd", type=click.IntRange(min=0), default=None, help="Requests per day (0: unlimited).")
+    @click.option("--rpm", callback=_limit_option, default=None, help="Requests per minute (0: unlimited).")
+    @click.option("--rpd", callback=_limit_option, default=None, help="Requests per day (0: unlimited).")
+    @_writes
     def create(name: str, amount: str, rpm: int | None, rpd: int | None) -> None:
         """Create a key. Its secret is printed once, as the last line."""
-        nano = _credits(amount)
+        nano = _credits(amount, f"No key was created for {name!r}", "give --credits from 0 to "
+                        f"{billing.MAX_CREDITS} with at most 9 decimals, such as 5 or 0.5")
         with db.cli_connection(_db()) as conn:
             key_id, secret = keys.create(conn, name, nano, rpm, rpd)
         click.echo(f"Created key {key_id} ({name}) with {billing.format_credits(nano)} credits. "
@@ -47,6 +91,7 @@ def register(app: Flask) -> None:
         click.echo(secret)
 
     @group.command("list")
+    @_writes
     def list_keys() -> None:
         """One key per line: id, name, prefix, balance, rpm, rpd, state."""
         cfg = current_app.config["GATEWAY"]
@@ -58,20 +103,26 @@ def register(app: Flask) -> None:
                            f"\trpd={_limit(row['rpd'], cfg.limits.default_rpd)}\t{state}")
 
     @group.command("topup")
-    @click.argument("key_id", type=int)
+    @click.argument("key_id", type=_KEY_ID)
     @click.argument("amount")
+    @_writes
     def topup(key_id: int, amount: str) -> None:
         """Add AMOUNT credits to key KEY_ID."""
-        nano = _credits(amount)
+        nano = _credits(amount, f"Key {key_id} was not topped up", "give an amount from 0 to "
+                        f"{billing.MAX_CREDITS} with at most 9 decimals, such as 5 or 0.5")
         with db.cli_connection(_db()) as conn:
             try:
                 balance = keys.topup(conn, key_id, nano)
             except LookupError as exc:
-                raise click.ClickException(str(exc)) from None
+                raise click.ClickException(f"Key {key_id} was not topped up: {exc}; `keys list` shows the ids.") \
+                    from None
+            except ValueError as exc:
+                raise click.ClickException(f"Key {key_id} was not topped up: {exc}.") from None
         click.echo(f"Key {key_id} now has {billing.format_credits(balance)} credits.")
 
     @group.command("revoke")
-    @click.argument("key_id", type=int)
+    @click.argument("key_id", type=_KEY_ID)
+    @_writes
     def revoke(key_id: int) -> None:
         """Revoke key KEY_ID; requests with it are refused from now on."""
         with db.cli_connection(_db()) as conn:
@@ -82,8 +133,9 @@ def register(app: Flask) -> None:
     app.cli.add_command(group)
 
     @app.cli.command("usage")
-    @click.option("--key", "key_id", type=int, default=None, help="Only this key's rows.")
-    @click.option("--limit", type=int, default=20, show_default=True)
+    @click.option("--key", "key_id", type=_KEY_ID, default=None, help="Only this key's rows.")
+    @click.option("--limit", type=click.IntRange(min=1, max=10**6), default=20, show_default=True)
+    @_writes
     def usage(key_id: int | None, limit: int) -> None:
         """Recent usage rows, newest first."""
         where, args = ("WHERE key_id = ?", (key_id, limit)) if key_id is not None else ("", (limit,))
@@ -97,6 +149,7 @@ def register(app: Flask) -> None:
                        f"{billing.format_credits(r['cost'])}\t{billing.format_credits(r['uncollected'])}")
 
     @app.cli.command("audit")
+    @_writes
     def audit() -> None:
         """Check that every key's balance plus open holds equals the sum of its ledger; exit 1 if not."""
         with db.cli_connection(_db()) as conn:
@@ -111,6 +164,7 @@ def register(app: Flask) -> None:
         click.echo(f"audit OK: {count} keys, every balance plus open holds equals its ledger")
 
     @app.cli.command("init-db")
+    @_writes
     def init_db() -> None:
         """Create the database and apply schema.sql (idempotent)."""
         db.init(_db())

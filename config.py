@@ -1,12 +1,14 @@
 """config.toml, read once into frozen dataclasses and validated; a bad file stops start-up with one sentence."""
 from __future__ import annotations
 
+import importlib.util
 import os
 import tomllib
 from dataclasses import MISSING, dataclass, field, fields
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 from errors import InvalidRequest, ModelNotFound
 
@@ -14,6 +16,26 @@ NANO = 10**9
 MODE_KINDS = {"chat": ("openai",), "image": ("openai", "gemini"), "music": ("lyria",)}  # what can serve what
 MODEL_MODES = tuple(MODE_KINDS)
 UPSTREAM_KINDS = tuple(dict.fromkeys(kind for kinds in MODE_KINDS.values() for kind in kinds))
+URL_SCHEMES = {"openai": ("http", "https"), "gemini": ("http", "https"), "lyria": ("ws", "wss")}
+# The schemes the `limits` package stores counters under (its storage registry, listed here so that checking a
+# config never imports storage drivers into gunicorn's master before the workers patch for gevent).
+STORAGE_SCHEMES = ("memory", "redis", "rediss", "redis+unix", "redis+cluster", "redis+sentinel", "valkey",
+                   "valkeys", "valkey+unix", "valkey+cluster", "valkey+sentinel", "memcached", "mongodb",
+                   "mongodb+srv")
+STORAGE_DRIVERS = {"redis": "redis", "valkey": "valkey", "memcached": "pymemcache", "mongodb": "pymongo"}
+MAX_PRICE = 10**6  # credits per million tokens, per image or per second
+# Sane ranges for numeric settings, by name: (least, most). Beyond them a value is a typo or harms the gateway
+# (max_body_bytes = 0 refuses every request, pool_size = 0 deadlocks every upstream call, a heartbeat of 1e400
+# seconds is infinity). Settings not listed get the generic ranges in _typed.
+BOUNDS: dict[str, tuple[float, float]] = {
+    "max_body_bytes": (1024, 2**31), "heartbeat_seconds": (0.1, 3600), "hold_ttl_seconds": (1, 10**7),
+    "default_rpm": (0, 10**9), "default_rpd": (0, 10**9),
+    "timeout_seconds": (0.1, 86400), "connect_timeout_seconds": (0.1, 3600), "pool_size": (1, 100_000),
+    "max_output_tokens": (0, 10**8), "max_images": (0, 1000), "max_image_bytes": (1024, 2**31),
+    "fetch_timeout_seconds": (0.1, 3600), "cache_max_entries": (0, 10**8), "default_duration_seconds": (1, 3600),
+}
+GENERIC_INT_MAX = 2**53
+GENERIC_FLOAT_MAX = 10**6
 
 
 class ConfigError(Exception):
@@ -155,12 +177,17 @@ class Config:
 
 
 def _typed(where: str, value: Any, default: Any, annotation: str) -> Any:
-    """Check one value against its dataclass field's type, converting ints and decimals as TOML gives them."""
+    """Check one value against its dataclass field's type and range, converting ints and decimals as TOML gives
+    them. TOML floats arrive as Decimal, which includes inf and nan: those are refused before any comparison."""
+    name = where.rsplit(".", 1)[-1]
     if "Decimal" in annotation:
         if isinstance(value, bool) or not isinstance(value, (int, Decimal)):
             raise ConfigError(f"{where} must be a number such as 0.4, not {value!r}.")
         value = Decimal(value)
-        if value < 0 or (value * NANO) != int(value * NANO):
+        if not value.is_finite() or value < 0 or value > MAX_PRICE:
+            raise ConfigError(f"{where} must be a price of zero or more, at most {MAX_PRICE} credits, not {value}; "
+                              "fix the number.")
+        if (value * NANO) != int(value * NANO):
             raise ConfigError(f"{where} must be zero or more with at most 9 decimal places, not {value}.")
         return value
     if "bool" in annotation:
@@ -168,12 +195,19 @@ def _typed(where: str, value: Any, default: Any, annotation: str) -> Any:
             raise ConfigError(f"{where} must be true or false, not {value!r}.")
         return value
     if "float" in annotation:
-        if isinstance(value, bool) or not isinstance(value, (int, Decimal)) or value <= 0:
-            raise ConfigError(f"{where} must be a positive number, not {value!r}.")
+        low, high = BOUNDS.get(name, (0, GENERIC_FLOAT_MAX))
+        if isinstance(value, bool) or not isinstance(value, (int, Decimal)) or \
+                (isinstance(value, Decimal) and not value.is_finite()) or not 0 < value <= high or value < low:
+            raise ConfigError(f"{where} must be a number of more than 0, from {low:g} to {high:g}, not {value!r}; "
+                              "set it in that range.")
         return float(value)
     if "int" in annotation:
+        low, high = BOUNDS.get(name, (0, GENERIC_INT_MAX))
         if isinstance(value, bool) or not isinstance(value, int) or value < 0:
             raise ConfigError(f"{where} must be a whole number of 0 or more, not {value!r}.")
+        if not low <= value <= high:
+            raise ConfigError(f"{where} must be a whole number from {low} to {high}, not {value}; "
+                              "set it in that range.")
         return value
     if not isinstance(value, str) or (not value and "None" not in annotation):
         raise ConfigError(f"{where} must be a non-empty string, not {value!r}.")
@@ -211,6 +245,7 @@ def parse(raw: dict, path: str = "") -> Config:
             raise ConfigError(f"[upstreams.{name}].kind must be one of {', '.join(UPSTREAM_KINDS)}, not {up.kind!r}.")
         if up.max_tokens_field not in ("max_tokens", "max_completion_tokens"):
             raise ConfigError(f"[upstreams.{name}].max_tokens_field must be max_tokens or max_completion_tokens.")
+        _check_url(f"[upstreams.{name}].base_url", up.base_url, URL_SCHEMES[up.kind], up.kind)
         upstreams[name] = up
     models = {}
     for model_id, table in raw.get("models", {}).items():
@@ -242,12 +277,32 @@ def parse(raw: dict, path: str = "") -> Config:
     if cfg.server.hold_ttl_seconds < longest:
         raise ConfigError(f"[server].hold_ttl_seconds ({cfg.server.hold_ttl_seconds}) must be at least the longest "
                           f"upstream timeout_seconds ({longest:g}); raise it.")
+    scheme = cfg.limits.storage_uri.partition("://")[0]
+    if "://" not in cfg.limits.storage_uri or scheme not in STORAGE_SCHEMES:
+        raise ConfigError(f"[limits].storage_uri {cfg.limits.storage_uri!r} must start with one of "
+                          f"{', '.join(s + '://' for s in STORAGE_SCHEMES)}; use \"memory://\" for one worker or "
+                          "\"redis://HOST:6379/0\" for several.")
+    driver = next((module for prefix, module in STORAGE_DRIVERS.items() if scheme.startswith(prefix)), None)
+    if driver and importlib.util.find_spec(driver) is None:  # looked up, not imported
+        raise ConfigError(f"[limits].storage_uri {cfg.limits.storage_uri!r} needs the Python package {driver!r}, "
+                          f"which is not installed; install it or use \"memory://\".")
     if cfg.limits.strategy not in ("fixed-window", "moving-window", "sliding-window-counter"):
         raise ConfigError("[limits].strategy must be fixed-window, moving-window or sliding-window-counter.")
     bridge = cfg.vision.bridge_model
     if bridge is not None and (bridge not in models or not models[bridge].vision):
         raise ConfigError(f"[vision].bridge_model {bridge!r} must name a model in config.toml with vision = true.")
     return cfg
+
+
+def _check_url(where: str, url: str, schemes: tuple[str, ...], kind: str) -> None:
+    try:
+        parts = urlsplit(url)
+        parts.port  # noqa: B018 -- raises ValueError for a port that is not a number from 0 to 65535
+    except ValueError:
+        parts = None
+    if parts is None or parts.scheme not in schemes or not parts.hostname:
+        raise ConfigError(f"{where} {url!r} must be a {' or '.join(s + '://' for s in schemes)} URL with a host, "
+                          f"as a {kind} upstream is reached over {schemes[0]}; fix the address.")
 
 
 def load(path: str | None = None) -> Config:

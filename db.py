@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import os
 import random
+import re
 import sqlite3
 import time
 from collections.abc import Callable, Iterator
@@ -15,10 +16,14 @@ from gevent.event import AsyncResult
 from gevent.lock import Semaphore
 from gevent.threadpool import ThreadPool
 
+from config import ConfigError
+
 T = TypeVar("T")
 SCHEMA = Path(__file__).with_name("schema.sql")
 # How long a write waits for another process's write lock before giving up.
 LOCK_WAIT_SECONDS = 10.0
+# How long start-up and the command-line tools wait for the database (workers booting together, parallel CLI).
+SETUP_WAIT_SECONDS = 30.0
 # How often the WAL is copied back into the database, from a thread of its own, and past what size it is cut.
 CHECKPOINT_SECONDS = 1.0
 WAL_TRUNCATE_BYTES = 16 * 1024 * 1024
@@ -28,15 +33,21 @@ _pending: dict[str, list[tuple[Callable[[sqlite3.Connection], Any], AsyncResult]
 _locks: dict[str, Semaphore] = {}
 
 
-def connect(path: str) -> sqlite3.Connection:
-    """A new connection in autocommit mode: every write transaction is an explicit BEGIN IMMEDIATE."""
-    conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=0)
+class DatabaseSetupError(ConfigError):
+    """The database cannot be opened or prepared; one sentence naming [server].database and the fix."""
+
+
+def connect(path: str, busy_seconds: float = 0) -> sqlite3.Connection:
+    """A new connection in autocommit mode: every write transaction is an explicit BEGIN IMMEDIATE.
+
+    Workers keep busy_seconds 0: a lock wait inside SQLite's C code would freeze every greenlet of the worker
+    (2 s measured), so write() below waits cooperatively instead. Tools that may block pass a wait; it applies
+    from the first statement, which can already need a lock (a WAL file being recovered by another process).
+    """
+    conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=busy_seconds)
     conn.row_factory = sqlite3.Row
     conn.execute("PRAGMA synchronous=NORMAL")
     conn.execute("PRAGMA foreign_keys=ON")
-    # busy_timeout 0: a lock wait inside SQLite's C code would freeze every greenlet of the worker
-    # (RUNTIME.md 3.1 measured 2 s); write() below waits cooperatively instead.
-    conn.execute("PRAGMA busy_timeout=0")
     return conn
 
 
@@ -80,16 +91,61 @@ def _checkpoints(path: str) -> None:
             pass  # busy or locked: the next round catches up
 
 
-def init(path: str) -> None:
-    """Create the database file and apply schema.sql (idempotent)."""
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    conn = connect(path)
+def _applied(conn: sqlite3.Connection, schema: str) -> bool:
+    """Whether schema.sql is already in the file (WAL on, its tables and user_version there), found by reads only,
+    so that start-up and every CLI command need no write lock on a database that is ready."""
+    if conn.execute("PRAGMA journal_mode").fetchone()[0].lower() != "wal":
+        return False
+    wanted = set(re.findall(r"CREATE\s+(?:TABLE|INDEX)\s+IF\s+NOT\s+EXISTS\s+(\w+)", schema, re.IGNORECASE))
+    have = {row[0] for row in conn.execute("SELECT name FROM sqlite_master")}
+    version = re.search(r"PRAGMA\s+user_version\s*=\s*(\d+)", schema, re.IGNORECASE)
+    current = conn.execute("PRAGMA user_version").fetchone()[0]
+    return wanted <= have and (version is None or current == int(version.group(1))) and current >= SCHEMA_VERSION
+
+
+def init(path: str, wait_seconds: float | None = None) -> None:
+    """Create the database file and apply schema.sql (idempotent); safe with any number of processes at once.
+
+    Raises DatabaseSetupError with one sentence for a path that cannot be a database, or a lock held longer
+    than wait_seconds. Switching to WAL can answer "locked" without SQLite's busy handler ever waiting (two
+    processes creating the file together), so lock errors are retried here until the deadline.
+    """
+    where = f"[server].database = {path!r}"
+    target = Path(path)
+    if target.is_dir():
+        inside = str(target / "gateway.db")
+        raise DatabaseSetupError(f"{where} is a directory; name a file inside it, such as {inside!r}.")
     try:
-        conn.execute("PRAGMA busy_timeout=10000")
-        conn.executescript(SCHEMA.read_text())  # sets WAL, which is persistent in the file
-        migrate(conn)
-    finally:
-        conn.close()
+        target.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise DatabaseSetupError(f"{where}: its directory {str(target.parent)!r} cannot be created "
+                                 f"({exc.strerror}); create it or choose a writable path.") from None
+    wait_seconds = SETUP_WAIT_SECONDS if wait_seconds is None else wait_seconds
+    schema = SCHEMA.read_text()
+    deadline = time.monotonic() + wait_seconds
+    delay = 0.01
+    while True:
+        try:
+            conn = connect(path, busy_seconds=max(0.0, min(5.0, deadline - time.monotonic())))
+            try:
+                if not _applied(conn, schema):
+                    conn.executescript(schema)  # sets WAL, which is persistent in the file
+                    migrate(conn)  # columns added since an older release made the file
+            finally:
+                conn.close()
+            return
+        except sqlite3.OperationalError as exc:
+            if _locked(exc) and time.monotonic() < deadline:
+                time.sleep(delay * (0.5 + random.random()))
+                delay = min(delay * 2, 0.2)
+                continue
+            if _locked(exc):
+                raise DatabaseSetupError(f"{where} stayed locked by another process for {wait_seconds:g} s; "
+                                         "nothing was written; try again when it is done.") from None
+            raise DatabaseSetupError(f"{where} cannot be opened ({exc}); make it a writable file path.") from None
+        except sqlite3.DatabaseError as exc:
+            raise DatabaseSetupError(f"{where} is not a usable SQLite database ({exc}); point it at a new file "
+                                     "or restore the right one.") from None
 
 
 # Columns added to tables of an existing database, in order; schema.sql creates new databases with them.
@@ -216,10 +272,9 @@ def read(path: str, sql: str, args: tuple = ()) -> list[sqlite3.Row | tuple]:
 
 @contextmanager
 def cli_connection(path: str) -> Iterator[sqlite3.Connection]:
-    """A connection for command-line tools, where blocking on a lock is fine."""
+    """A connection for command-line tools, where blocking on a lock (up to SETUP_WAIT_SECONDS) is fine."""
     init(path)
-    conn = connect(path)
-    conn.execute("PRAGMA busy_timeout=10000")
+    conn = connect(path, busy_seconds=SETUP_WAIT_SECONDS)
     try:
         yield conn
     finally:

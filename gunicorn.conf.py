@@ -1,10 +1,30 @@
 """gunicorn settings for the gateway: one gevent worker by default, sized for thousands of open streams."""
+import json
 import os
 import resource
 import socket
 import sys
 
+from gunicorn import util
 from gunicorn.workers.ggevent import GeventWorker
+
+# OpenAI-style codes for the answers gunicorn gives itself, before the app sees a request.
+_PARSER_CODES = {400: "invalid_request", 403: "forbidden", 414: "request_line_too_long",
+                 417: "expectation_failed", 431: "request_headers_too_large", 500: "server_error",
+                 501: "unsupported_transfer_coding"}
+
+
+def write_json_error(sock, status_int, reason, mesg):
+    """gunicorn's util.write_error, answering in OpenAI's JSON error shape instead of an HTML page."""
+    client_error = 400 <= status_int < 500 or status_int == 501  # 501: a transfer coding the client chose
+    body = json.dumps({"error": {
+        "message": f"{reason}: {mesg}" if mesg else f"{reason}.",
+        "type": "invalid_request_error" if client_error else "api_error",
+        "param": None, "code": _PARSER_CODES.get(status_int, "invalid_request" if client_error else "server_error"),
+    }}).encode()
+    head = (f"HTTP/1.1 {status_int} {reason}\r\nConnection: close\r\nContent-Type: application/json\r\n"
+            f"Content-Length: {len(body)}\r\n\r\n").encode("latin1")
+    util.write_nonblock(sock, head + body)
 
 
 class GatewayWorker(GeventWorker):
@@ -13,6 +33,13 @@ class GatewayWorker(GeventWorker):
     gunicorn sends a response's headers and body as two writes; with Nagle on, the body waits for the client's
     delayed ACK of the headers (up to 200 ms on Linux), which showed as a 197 ms p99 at one connection.
     """
+
+    def init_process(self):
+        # Requests gunicorn refuses while parsing (414 request line, 431 headers, 400 bad syntax or chunking,
+        # 501 transfer coding) are answered by Worker.handle_error through util.write_error, its one writer
+        # of such pages; replaced in this worker process, they come out as JSON the SDKs can read.
+        util.write_error = write_json_error
+        super().init_process()
 
     def handle(self, listener, client, addr):
         try:
@@ -36,11 +63,18 @@ preload_app = False
 
 
 def on_starting(server):
-    """Check config.toml once in the master, so a bad file stops start-up with one sentence, not a traceback."""
+    """Check config.toml and prepare the database once in the master, before any worker exists.
+
+    A bad file or database path stops start-up with one sentence, not a traceback; and workers that boot
+    together only ever find a database that is already created and in WAL mode (two of them creating it at
+    once could hit "database is locked", which made the master exit).
+    """
     import config
+    import db
 
     try:
-        config.load()
+        cfg = config.load()
+        db.init(cfg.server.database)
     except config.ConfigError as exc:
         print(f"gateway: {exc}", file=sys.stderr)
         sys.exit(2)
@@ -54,9 +88,17 @@ def post_worker_init(worker):
     """Return the holds of processes that are gone. Only here, at a worker's start: `flask ...` commands and a bare
     `import app` must never release anything, since the holds they would see belong to live workers."""
     import logging
+    import sqlite3
 
     import billing
 
-    released = billing.release_orphans(worker.wsgi.config["GATEWAY"].server.database)
+    log = logging.getLogger("gateway")
+    try:
+        released = billing.release_orphans(worker.wsgi.config["GATEWAY"].server.database)
+    except sqlite3.OperationalError as exc:
+        # Another process held the write lock for db.LOCK_WAIT_SECONDS (a long CLI command, a checkpoint): the
+        # orphans wait for the next worker start rather than this one failing.
+        log.warning("could not return orphaned holds at start-up (%s); the next worker start will", exc)
+        return
     if released:
-        logging.getLogger("gateway").warning("returned %d hold(s) left by a process that is gone", released)
+        log.warning("returned %d hold(s) left by a process that is gone", released)

@@ -10,6 +10,8 @@ from dataclasses import dataclass
 import billing
 
 PREFIX_LEN = 8
+# The most requests per minute or per day a key may be given (0 already means unlimited).
+MAX_LIMIT = 10**9
 
 
 @dataclass(frozen=True)
@@ -27,7 +29,15 @@ def hash_key(key: str) -> str:
 
 def create(conn: sqlite3.Connection, name: str, credits: int, rpm: int | None = None,
            rpd: int | None = None) -> tuple[int, str]:
-    """A new key with its opening grant; returns (id, the key). Only the hash is stored."""
+    """A new key with its opening grant; returns (id, the key). Only the hash is stored.
+
+    Raises ValueError, writing nothing, for credits or limits outside their bounds.
+    """
+    if not 0 <= credits <= billing.MAX_NANO:
+        raise ValueError(f"a key holds 0 to {billing.MAX_CREDITS} credits, not {billing.format_credits(credits)}")
+    for name_, value in (("rpm", rpm), ("rpd", rpd)):
+        if value is not None and not 0 <= value <= MAX_LIMIT:
+            raise ValueError(f"{name_} must be 0 (unlimited) to {MAX_LIMIT}, not {value}")
     key = "sk-" + secrets.token_urlsafe(32)
     conn.execute("BEGIN IMMEDIATE")
     try:
@@ -50,11 +60,19 @@ def lookup(conn: sqlite3.Connection, key: str) -> ApiKey | None:
 
 
 def topup(conn: sqlite3.Connection, key_id: int, amount: int) -> int:
-    """Add credits; returns the new balance. Raises LookupError for an unknown key."""
+    """Add credits; returns the new balance. Raises LookupError for an unknown key, and ValueError (writing
+    nothing) when the balance plus the key's open holds would pass billing.MAX_CREDITS."""
     conn.execute("BEGIN IMMEDIATE")
     try:
-        if conn.execute("SELECT 1 FROM api_keys WHERE id = ?", (key_id,)).fetchone() is None:
+        row = conn.execute("SELECT balance + COALESCE((SELECT SUM(amount) FROM holds WHERE key_id = ?), 0)"
+                           " FROM api_keys WHERE id = ?", (key_id, key_id)).fetchone()
+        if row is None:
             raise LookupError(f"no key with id {key_id}")
+        if not isinstance(row[0], int) or row[0] + amount > billing.MAX_NANO:
+            room = max(0, billing.MAX_NANO - row[0]) if isinstance(row[0], int) else 0
+            raise ValueError(f"key {key_id} has {billing.format_credits(int(row[0]))} credits (with open holds) and "
+                             f"can hold at most {billing.MAX_CREDITS}; top it up by at most "
+                             f"{billing.format_credits(room)}")
         billing.credit(conn, key_id, amount, "topup")
         balance = conn.execute("SELECT balance FROM api_keys WHERE id = ?", (key_id,)).fetchone()[0]
         conn.execute("COMMIT")

@@ -55,7 +55,8 @@ def test_defaults_and_exact_prices():
     (GOOD + "[vision]\nbridge_model = \"m\"\n", "with vision = true"),
     (GOOD + "[nonsense]\n", "[nonsense] is not a section"),
     (GOOD.replace('base_url = "http://127.0.0.1:1/v1"\n', ""), "needs base_url"),
-    (GOOD.replace('kind = "openai"', 'kind = "lyria"'), "its upstream must be of kind openai"),
+    (GOOD.replace('kind = "openai"', 'kind = "lyria"').replace("http://", "ws://"),
+     "its upstream must be of kind openai"),
 ])
 def test_bad_config_names_the_key(text, words):
     with pytest.raises(config.ConfigError) as exc:
@@ -72,3 +73,79 @@ def test_server_refuses_to_start_with_one_sentence(tmp_path):
     assert done.returncode != 0
     assert "gateway: [server].max_body_bytes must be a whole number" in done.stderr
     assert "Traceback" not in done.stderr
+
+
+@pytest.mark.parametrize("text,words", [
+    (GOOD.replace("0.075", "inf"), "input_price must be a price of zero or more"),
+    (GOOD.replace("0.075", "nan"), "input_price must be a price of zero or more"),
+    (GOOD.replace("0.075", "1e400"), "input_price must be a price of zero or more"),
+    (GOOD + '[limits]\nstorage_uri = "postgres://x"\n', "[limits].storage_uri 'postgres://x' must start with"),
+    (GOOD + '[limits]\nstorage_uri = "redis"\n', "[limits].storage_uri 'redis' must start with"),
+    (GOOD + "[server]\nmax_body_bytes = 0\n", "[server].max_body_bytes must be a whole number from 1024"),
+    (GOOD + "[server]\nheartbeat_seconds = 1e400\n", "[server].heartbeat_seconds must be a number"),
+    (GOOD + "[server]\nheartbeat_seconds = nan\n", "[server].heartbeat_seconds must be a number"),
+    (GOOD + "[server]\nheartbeat_seconds = -inf\n", "[server].heartbeat_seconds must be a number"),
+    (GOOD.replace('api_key_env = "X"', 'api_key_env = "X"\npool_size = 0'),
+     "[upstreams.u].pool_size must be a whole number from 1"),
+    (GOOD.replace('api_key_env = "X"', "api_key_env = \"X\"\ntimeout_seconds = inf"),
+     "[upstreams.u].timeout_seconds must be a number"),
+    (GOOD + "[limits]\ndefault_rpm = 73786976294838206464\n", "[limits].default_rpm must be a whole number from 0"),
+    (GOOD.replace("http://127.0.0.1:1/v1", "ftp://127.0.0.1/v1"), "must be a http:// or https:// URL"),
+    (GOOD.replace("http://127.0.0.1:1/v1", "127.0.0.1:1/v1"), "must be a http:// or https:// URL"),
+    (GOOD.replace("http://127.0.0.1:1/v1", "http://127.0.0.1:99999/v1"), "must be a http:// or https:// URL"),
+    (GOOD.replace("http://127.0.0.1:1/v1", "wss://example.com/x"), "must be a http:// or https:// URL"),
+    (GOOD.replace('kind = "openai"', 'kind = "lyria"'), "must be a ws:// or wss:// URL"),
+])
+def test_harmful_or_crashing_values_are_one_sentence(text, words):
+    with pytest.raises(config.ConfigError) as exc:
+        parse(text)
+    assert words in str(exc.value)
+    assert str(exc.value).endswith(".") and "\n" not in str(exc.value)
+
+
+def test_bounds_accept_sane_values():
+    cfg = parse(GOOD.replace('api_key_env = "X"', 'api_key_env = "X"\npool_size = 1')
+                + '[server]\nmax_body_bytes = 1024\nheartbeat_seconds = 0.5\n[limits]\nstorage_uri = "redis://h:1/0"\n')
+    assert cfg.upstreams["u"].pool_size == 1 and cfg.server.heartbeat_seconds == 0.5
+    lyria = parse(GOOD.replace('kind = "openai"', 'kind = "lyria"').replace("http://", "wss://")
+                  .replace('[models."m"]\nupstream = "u"', '[models."m"]\nupstream = "u"\nmode = "music"'))
+    assert lyria.upstreams["u"].base_url.startswith("wss://")
+
+
+@pytest.mark.parametrize("where", ["directory", "under_a_file"])
+def test_unusable_database_path_is_one_sentence(tmp_path, where):
+    import db
+    path = tmp_path / "data" if where == "directory" else tmp_path / "plain.txt" / "sub" / "gateway.db"
+    if where == "directory":
+        path.mkdir()
+    else:
+        (tmp_path / "plain.txt").write_text("x")
+    with pytest.raises(config.ConfigError) as exc:
+        db.init(str(path))
+    assert str(exc.value).startswith(f"[server].database = '{path}'")
+    assert ("is a directory" if where == "directory" else "cannot be created") in str(exc.value)
+
+
+@pytest.mark.parametrize("setting", ['database = "{tmp}"', 'database = "{tmp}/f/gw.db"', "max_body_bytes = 0"])
+def test_server_start_refused_with_one_sentence(tmp_path, setting):
+    (tmp_path / "f").write_text("a file, not a directory")
+    bad = tmp_path / "config.toml"
+    bad.write_text(GOOD + "[server]\n" + setting.format(tmp=tmp_path) + "\n")
+    gunicorn = str(Path(sys.executable).with_name("gunicorn"))
+    done = subprocess.run([gunicorn, "-c", "gunicorn.conf.py", "app:app"], cwd=ROOT, capture_output=True, text=True,
+                          timeout=60, env={"GATEWAY_CONFIG": str(bad), "PORT": "1", "PATH": "/usr/bin:/bin"})
+    assert done.returncode != 0
+    assert "gateway: [server]." in done.stderr
+    assert "Traceback" not in done.stderr
+    flask = str(Path(sys.executable).with_name("flask"))
+    done = subprocess.run([flask, "--app", "app", "keys", "list"], cwd=ROOT, capture_output=True, text=True,
+                          timeout=60, env={"GATEWAY_CONFIG": str(bad), "PATH": "/usr/bin:/bin"})
+    assert done.returncode != 0 and "gateway: [server]." in done.stderr and "Traceback" not in done.stderr
+
+
+def test_storage_without_its_driver_is_refused_before_start():
+    import importlib.util
+    assert importlib.util.find_spec("pymongo") is None, "this test needs a storage driver that is not installed"
+    with pytest.raises(config.ConfigError) as exc:
+        parse(GOOD + '[limits]\nstorage_uri = "mongodb://127.0.0.1:1"\n')
+    assert "needs the Python package 'pymongo'" in str(exc.value)
