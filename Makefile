@@ -6,7 +6,7 @@ HOST ?= 127.0.0.1
 PORT ?= 8080
 export GATEWAY_CONFIG ?= $(CURDIR)/config.toml
 
-.PHONY: serve test lint key bench clean
+.PHONY: serve test lint key bench bench-peers clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -36,6 +36,10 @@ test: $(VENV)/.dev
 
 bench: $(VENV)/.dev
 	$(BIN)/python bench/run.py $(BENCH_ARGS)
+
+# LiteLLM and Portkey beside the gateway; installed once into ~/.cache/gateway-bench, never into .venv
+bench-peers: $(VENV)/.dev
+	$(BIN)/python bench/run.py --peers $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache

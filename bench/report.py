@@ -32,8 +32,9 @@ def _added(direct: dict | None, gateway: dict | None, key: str = "latency") -> s
 def progress(name: str, out: dict) -> str:
     if name == "idle":
         return "idle: worker RSS " + ", ".join(f"{k} {v / MB:.1f} MB" for k, v in out.items())
-    if name.startswith("plain"):
-        cpu = f", gateway CPU {out['cpu_per_request_ms']:.3f} ms/request" if "cpu_per_request_ms" in out else ""
+    if name.startswith(("plain", "peers")):
+        who = "server" if name.startswith("peers") else "gateway"
+        cpu = f", {who} CPU {out['cpu_per_request_ms']:.3f} ms/request" if "cpu_per_request_ms" in out else ""
         errors = f", ERRORS {out['errors']}" if out.get("errors") else ""
         return (f"{name}: {out['rps']:,.0f} req/s, p50/p90/p99 {_lat(out)} ms{cpu}, "
                 f"machine busy {out['machine_busy']:.0%}{errors}")

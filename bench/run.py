@@ -1,9 +1,17 @@
 """The gateway's benchmark: a fake upstream, the gateway as users run it, and load from a separate process.
 
-    .venv/bin/python bench/run.py [--quick]
+    .venv/bin/python bench/run.py [--quick] [--peers | --peers-only]
+
+--peers adds LiteLLM's proxy and Portkey's gateway (bench/peers.py: pinned, installed once into
+~/.cache/gateway-bench, never into the project's .venv) to the same run: plain requests at 1 and 16 connections
+to the fake upstream directly, the gateway (one worker), Portkey and LiteLLM (1 and 2 workers), and a side-by-side
+table with ratios gateway / peer on stdout, in results.json and in bench/results/peers.md. --peers-only runs just
+that (and writes peers.json instead of results.json).
 
 Everything listens on 127.0.0.1; every load step is bounded in time and count; every process started here is
-stopped at the end. Results: a table on stdout, bench/results/results.json, latency.png and latency.svg.
+stopped at the end. Results: a table on stdout, bench/results/results.json, latency.png and latency.svg. The load
+generator is wrk when installed (apt-installed when missing and allowed), else bench/load.py; the conditions line
+and results.json say which.
 """
 from __future__ import annotations
 
@@ -442,7 +450,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--peers", action="store_true",
                         help="also run LiteLLM and Portkey (installed once into ~/.cache/gateway-bench) beside the "
                              "gateway: plain requests at 1 and 16 connections; writes results/peers.md")
-    parser.add_argument("--peers-only", action="store_true", help="--peers, and skip the gateway's other steps")
+    parser.add_argument("--peers-only", action="store_true",
+                        help="--peers, and skip the gateway's other steps (writes peers.json, not results.json)")
     parser.add_argument("--litellm-workers", default="1,2", help="LiteLLM worker counts to run (default 1,2)")
     parser.add_argument("--out", default=str(harness.BENCH / "results"))
     parser.add_argument("--keep-tmp", action="store_true", help="keep the temp dir (configs, databases, logs)")
@@ -478,13 +487,15 @@ def main() -> int:
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)
         bench.results["targets"] = report.targets(bench.results)
-        written = [out / "results.json"]
+        # --peers-only leaves the full run's results.json in place and writes its own file beside it.
+        json_path = out / ("peers.json" if args.peers_only else "results.json")
+        written = [json_path]
         if args.peers:
             bench.results["peers"]["table"] = report.peers_rows(bench.results)
             md = report.peers_markdown(bench.results)
             (out / "peers.md").write_text(md + "\n")
             written.append(out / "peers.md")
-        (out / "results.json").write_text(json.dumps(bench.results, indent=2, default=str) + "\n")
+        json_path.write_text(json.dumps(bench.results, indent=2, default=str) + "\n")
         if not args.peers_only:
             report.chart(bench.results, out)
             print(report.table(bench.results))
