@@ -59,11 +59,24 @@ def _run(cmd: list[str], log: Path, what: str, timeout: float, env: dict | None 
         raise BenchError(f"{what} failed (exit {proc.returncode}); log {log}:\n{tail[-3000:]}")
 
 
+_failed: dict[str, BenchError] = {}  # an install that failed once in this run is not tried again for the next peer
+
+
 def install_litellm(version: str = LITELLM_VERSION) -> Path:
     """A venv with litellm[proxy]==version under the cache folder; reused when its marker says it is complete."""
     venv = CACHE / f"litellm-{version}"
     if (venv / MARKER).exists() and (venv / "bin" / "litellm").exists():
         return venv
+    if venv.name in _failed:
+        raise _failed[venv.name]
+    try:
+        return _install_litellm(venv, version)
+    except BenchError as exc:
+        _failed[venv.name] = exc
+        raise
+
+
+def _install_litellm(venv: Path, version: str) -> Path:
     shutil.rmtree(venv, ignore_errors=True)  # a half-done install from an interrupted run
     venv.parent.mkdir(parents=True, exist_ok=True)
     log = CACHE / f"litellm-{version}.install.log"

@@ -208,7 +208,10 @@ def peers_rows(r: dict) -> list[dict]:
         one, many = runs.get(f"peers_{name}_1"), runs.get(f"peers_{name}_16")
         lat = (one or {}).get("latency") or {}
         p50, p99 = lat.get("p50_ms"), lat.get("p99_ms")
+        # wrk counts non-2xx answers in errors; bench/load.py lists every status it saw.
         errors = {k: v for run in (one, many) if run for k, v in (run.get("errors") or {}).items()}
+        errors.update({f"status {k}": v for run in (one, many) if run
+                       for k, v in (run.get("statuses") or {}).items() if k != "200"})
         rows.append({
             "server": name, "label": s["label"], "error": s.get("error"), "errors": errors or None,
             "rps_16": many and many["rps"], "cpu_ms_16": many and many.get("cpu_per_request_ms"),
@@ -249,6 +252,11 @@ def peers_markdown(r: dict) -> str:
         out.append(f"| {row['label']}{errs} | {_f(row['rps_16'], 0)} | {_f(row['cpu_ms_16'])} ms "
                    f"| {_f(row['cpu_ms_1'])} ms | {_f(row['p50_ms_1'])} / {_f(row['p99_ms_1'])} "
                    f"| {_f(row['added_p50_ms'])} / {_f(row['added_p99_ms'])} | {_f(row['p99_over_p50'], 1)} |")
+    fastest = max((row["rps_16"] for row in rows if row["rps_16"]), default=None)
+    if d16 and fastest:
+        out += ["", f"The load generator is not the bottleneck: the same {c['load_generator'].split()[0]} drove the "
+                f"fake upstream alone at {d16['rps']:,.0f} req/s, {d16['rps'] / fastest:.0f} times the fastest "
+                "server above."]
     gw = next((row for row in rows if row["server"] == "gateway"), None)
     others = [row for row in rows if row["server"] != "gateway" and row["rps_16"] is not None]
     if gw and others:
