@@ -38,10 +38,11 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start(cmd: list[str], log_path: Path, env: dict[str, str] | None = None, stdout=None) -> subprocess.Popen:
+def start(cmd: list[str], log_path: Path, env: dict[str, str] | None = None, stdout=None,
+          cwd: Path | None = None) -> subprocess.Popen:
     """Start a process in its own process group, logging to log_path (stdout may be a pipe instead)."""
     log = open(log_path, "ab")
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=env or os.environ.copy(), stdout=stdout or log,
+    proc = subprocess.Popen(cmd, cwd=cwd or ROOT, env=env or os.environ.copy(), stdout=stdout or log,
                             stderr=log, start_new_session=True)
     log.close()
     _started.append(proc)

@@ -184,8 +184,9 @@ class LiteLLM(Peer):
             "NO_DOCS": "True",
             "PYTHONUNBUFFERED": "1",
         })
+        # Its own folder as the working directory: LiteLLM reads a .env from there, and the repo's is not for it.
         self.proc = start([str(venv / "bin" / "litellm"), "--config", str(config), "--host", "127.0.0.1",
-                           "--port", str(self.port), "--num_workers", str(workers)], self.log, env)
+                           "--port", str(self.port), "--num_workers", str(workers)], self.log, env, cwd=d)
         harness.wait_ready(self.proc, self.port, "/health/liveliness", self.log, f"LiteLLM ({workers} workers)",
                            timeout=180)
 
@@ -209,7 +210,7 @@ class Portkey(Peer):
         self.log = d / "portkey.log"
         env = {**os.environ, "NODE_ENV": "production"}
         self.proc = start(["node", "-r", str(d / "bind-local.cjs"), str(entry), f"--port={self.port}", "--headless"],
-                          self.log, env)
+                          self.log, env, cwd=d)
         harness.wait_ready(self.proc, self.port, "/", self.log, "Portkey's gateway", timeout=60)
 
     def extra_headers(self) -> dict[str, str]:
