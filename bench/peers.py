@@ -133,11 +133,10 @@ class Peer:
     version = ""
 
     def __init__(self) -> None:
-        self.proc = None
+        self.proc: subprocess.Popen | None = None
         self.port = 0
         self.log = Path()
-
-    key = ""  # the bearer token a client sends
+        self.key = ""  # the bearer token a client sends
 
     def extra_headers(self) -> dict[str, str]:
         """Headers a client sends on every request besides Authorization."""
@@ -189,7 +188,6 @@ class LiteLLM(Peer):
                            "--port", str(self.port), "--num_workers", str(workers)], self.log, env, cwd=d)
         harness.wait_ready(self.proc, self.port, "/health/liveliness", self.log, f"LiteLLM ({workers} workers)",
                            timeout=180)
-
 
 
 class Portkey(Peer):
