@@ -7,7 +7,7 @@ HOST ?= 127.0.0.1
 PORT ?= 8080
 export GATEWAY_CONFIG ?= $(CURDIR)/config.toml
 
-.PHONY: serve test fuzz lint key bench clean
+.PHONY: serve test fuzz lint key bench bench-peers clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -40,6 +40,10 @@ fuzz: $(VENV)/.dev
 
 bench: $(VENV)/.dev
 	$(BIN)/python bench/run.py $(BENCH_ARGS)
+
+# LiteLLM and Portkey beside the gateway; installed once into ~/.cache/gateway-bench, never into .venv
+bench-peers: $(VENV)/.dev
+	$(BIN)/python bench/run.py --peers $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache .hypothesis

@@ -38,10 +38,11 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start(cmd: list[str], log_path: Path, env: dict[str, str] | None = None, stdout=None) -> subprocess.Popen:
+def start(cmd: list[str], log_path: Path, env: dict[str, str] | None = None, stdout=None,
+          cwd: Path | None = None) -> subprocess.Popen:
     """Start a process in its own process group, logging to log_path (stdout may be a pipe instead)."""
     log = open(log_path, "ab")
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=env or os.environ.copy(), stdout=stdout or log,
+    proc = subprocess.Popen(cmd, cwd=cwd or ROOT, env=env or os.environ.copy(), stdout=stdout or log,
                             stderr=log, start_new_session=True)
     log.close()
     _started.append(proc)
@@ -197,7 +198,7 @@ _WRK_LUA = """wrk.method = "POST"
 wrk.body = [==[%(body)s]==]
 wrk.headers["Content-Type"] = "application/json"
 wrk.headers["Authorization"] = "Bearer %(key)s"
-done = function(summary, latency, requests)
+%(extra)sdone = function(summary, latency, requests)
   local e = summary.errors
   io.write(string.format('BENCHJSON {"requests":%%d,"duration_us":%%d,"errors_connect":%%d,"errors_read":%%d,' ..
     '"errors_write":%%d,"errors_status":%%d,"errors_timeout":%%d,"p50_us":%%d,"p90_us":%%d,"p99_us":%%d,' ..
@@ -207,10 +208,12 @@ end
 """
 
 
-def run_wrk(wrk: str, tmp: Path, port: int, key: str, body: str, conns: int, duration: float) -> dict:
+def run_wrk(wrk: str, tmp: Path, port: int, key: str, body: str, conns: int, duration: float,
+            headers: dict[str, str] | None = None) -> dict:
     """Closed-loop keep-alive POSTs with wrk (one thread): requests/s and latency percentiles in ms."""
     script = tmp / f"post-{port}.lua"
-    script.write_text(_WRK_LUA % {"body": body, "key": key})
+    extra = "".join(f"wrk.headers[{json.dumps(k)}] = {json.dumps(v)}\n" for k, v in (headers or {}).items())
+    script.write_text(_WRK_LUA % {"body": body, "key": key, "extra": extra})
     cmd = [wrk, "-t1", f"-c{conns}", f"-d{max(1, round(duration))}s", "--timeout", "10s", "-s", str(script),
            f"http://127.0.0.1:{port}/v1/chat/completions"]
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
@@ -227,9 +230,12 @@ def run_wrk(wrk: str, tmp: Path, port: int, key: str, body: str, conns: int, dur
             "errors": errors, "loadgen_cpu_s": (after.ru_utime + after.ru_stime) - (before.ru_utime + before.ru_stime)}
 
 
-def load_cmd(mode: str, port: int, key: str, body: str, conns: int, **opts) -> list[str]:
+def load_cmd(mode: str, port: int, key: str, body: str, conns: int, headers: dict[str, str] | None = None,
+             **opts) -> list[str]:
     cmd = [PY, str(BENCH / "load.py"), mode, "--port", str(port), "--key", key, "--body", body,
            "--concurrency", str(conns)]
+    for name, value in (headers or {}).items():
+        cmd += ["--header", f"{name}: {value}"]
     for name, value in opts.items():
         cmd += [f"--{name.replace('_', '-')}", str(value)]
     return cmd

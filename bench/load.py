@@ -97,8 +97,9 @@ class Conn:
             yield piece
 
 
-def request_bytes(host: str, port: int, path: str, key: str, body: bytes) -> bytes:
-    return (f"POST {path} HTTP/1.1\r\nHost: {host}:{port}\r\nAuthorization: Bearer {key}\r\n"
+def request_bytes(host: str, port: int, path: str, key: str, body: bytes, extra: list[str] = ()) -> bytes:
+    more = "".join(f"{h}\r\n" for h in extra)
+    return (f"POST {path} HTTP/1.1\r\nHost: {host}:{port}\r\nAuthorization: Bearer {key}\r\n{more}"
             f"Content-Type: application/json\r\nAccept: text/event-stream\r\nContent-Length: {len(body)}\r\n\r\n"
             ).encode() + body
 
@@ -297,6 +298,7 @@ def main() -> None:
     parser.add_argument("--path", default="/v1/chat/completions")
     parser.add_argument("--key", required=True)
     parser.add_argument("--body", required=True, help="the JSON request body")
+    parser.add_argument("--header", action="append", default=[], help="an extra 'Name: value' header (repeatable)")
     parser.add_argument("--concurrency", type=int, default=1)
     parser.add_argument("--duration", type=float, default=10)
     parser.add_argument("--max-requests", type=int, default=10_000_000)
@@ -308,7 +310,7 @@ def main() -> None:
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
     if args.concurrency + 64 > hard:
         raise SystemExit(f"load: {args.concurrency} connections need more than RLIMIT_NOFILE={hard} descriptors")
-    req = request_bytes(args.host, args.port, args.path, args.key, args.body.encode())
+    req = request_bytes(args.host, args.port, args.path, args.key, args.body.encode(), args.header)
     emit({"mode": args.mode, "concurrency": args.concurrency, "ev": "start"})
     emit({"plain": run_plain, "stream": run_stream, "hold": run_hold}[args.mode](args, req))
 

@@ -32,8 +32,9 @@ def _added(direct: dict | None, gateway: dict | None, key: str = "latency") -> s
 def progress(name: str, out: dict) -> str:
     if name == "idle":
         return "idle: worker RSS " + ", ".join(f"{k} {v / MB:.1f} MB" for k, v in out.items())
-    if name.startswith("plain"):
-        cpu = f", gateway CPU {out['cpu_per_request_ms']:.3f} ms/request" if "cpu_per_request_ms" in out else ""
+    if name.startswith(("plain", "peers")):
+        who = "server" if name.startswith("peers") else "gateway"
+        cpu = f", {who} CPU {out['cpu_per_request_ms']:.3f} ms/request" if "cpu_per_request_ms" in out else ""
         errors = f", ERRORS {out['errors']}" if out.get("errors") else ""
         return (f"{name}: {out['rps']:,.0f} req/s, p50/p90/p99 {_lat(out)} ms{cpu}, "
                 f"machine busy {out['machine_busy']:.0%}{errors}")
@@ -187,6 +188,90 @@ def table(r: dict) -> str:
         note = f" ({t['note']})" if t["note"] else ""
         lines.append(f"| {t['target']} | {t['goal']} | {t['measured']} | {met}{note} |")
     return "\n".join(lines)
+
+
+PEER_ORDER = ("gateway", "portkey", "litellm_w1", "litellm_w2")
+
+
+def _ratio(a, b) -> str:
+    return f"{a / b:.2f}x" if a is not None and b else "-"
+
+
+def peers_rows(r: dict) -> list[dict]:
+    """One row per server of the --peers step: req/s at 16 connections, server CPU per request, latency at one
+    connection and what it adds to the fake upstream alone."""
+    runs, servers = r["runs"], r["peers"]["servers"]
+    d1 = (runs.get("peers_direct_1") or {}).get("latency") or {}
+    rows = []
+    for name in sorted(servers, key=lambda n: PEER_ORDER.index(n) if n in PEER_ORDER else len(PEER_ORDER)):
+        s = servers[name]
+        one, many = runs.get(f"peers_{name}_1"), runs.get(f"peers_{name}_16")
+        lat = (one or {}).get("latency") or {}
+        p50, p99 = lat.get("p50_ms"), lat.get("p99_ms")
+        # wrk counts non-2xx answers in errors; bench/load.py lists every status it saw.
+        errors = {k: v for run in (one, many) if run for k, v in (run.get("errors") or {}).items()}
+        errors.update({f"status {k}": v for run in (one, many) if run
+                       for k, v in (run.get("statuses") or {}).items() if k != "200"})
+        rows.append({
+            "server": name, "label": s["label"], "error": s.get("error"), "errors": errors or None,
+            "rps_16": many and many["rps"], "cpu_ms_16": many and many.get("cpu_per_request_ms"),
+            "cpu_ms_1": one and one.get("cpu_per_request_ms"), "p50_ms_1": p50, "p99_ms_1": p99,
+            "added_p50_ms": p50 - d1["p50_ms"] if p50 is not None and d1.get("p50_ms") is not None else None,
+            "added_p99_ms": p99 - d1["p99_ms"] if p99 is not None and d1.get("p99_ms") is not None else None,
+            "p99_over_p50": p99 / p50 if p50 and p99 is not None else None,
+            "machine_busy_16": many and many["machine_busy"]})
+    return rows
+
+
+def peers_markdown(r: dict) -> str:
+    """The side-by-side table and the ratios gateway / peer, ready to paste into the README."""
+    c, runs, rows = r["conditions"], r["runs"], r["peers"]["table"]
+    v = c["versions"]
+    d1, d16 = runs.get("peers_direct_1"), runs.get("peers_direct_16")
+    out = [f"**Conditions:** {c['date']}, commit {c.get('commit') or '?'}, {c['cores']} cores ({c['cpu']}), "
+           f"load average {c['loadavg_at_start'][0]:.2f} at the start, Python {c['python']}, gunicorn {v['gunicorn']}, "
+           f"gevent {v['gevent']}, LiteLLM {v.get('litellm')}, @portkey-ai/gateway {v.get('@portkey-ai/gateway')} on "
+           f"node {v.get('node')}. Load generator: {c['load_generator']}, {r['args']['duration']:g} s per step, "
+           "closed loop, keep-alive. The fake upstream, the server under test and the load generator share the "
+           "same cores. Server CPU is utime + stime of the server's whole process tree from /proc, divided by "
+           "the requests of the step." + (" Smoke run (--quick or short steps): noisy." if r['args']['duration'] < 10
+                                          else ""),
+           "",
+           "| non-streamed chat | req/s, 16 conns | server CPU per request, 16 conns | CPU per request, 1 conn "
+           "| p50 / p99 ms, 1 conn | added p50 / p99 ms, 1 conn | p99 / p50, 1 conn |",
+           "|---|---|---|---|---|---|---|"]
+    if d1 or d16:
+        lat = (d1 or {}).get("latency") or {}
+        out.append(f"| fake upstream alone (direct) | {_f(d16 and d16['rps'], 0)} | | | {_f(lat.get('p50_ms'))} / "
+                   f"{_f(lat.get('p99_ms'))} | | |")
+    for row in rows:
+        if row["error"] and row["rps_16"] is None:
+            out.append(f"| {row['label']} | did not run: {row['error'].splitlines()[0][:200]} | | | | | |")
+            continue
+        errs = f" (errors: {row['errors']})" if row["errors"] else ""
+        out.append(f"| {row['label']}{errs} | {_f(row['rps_16'], 0)} | {_f(row['cpu_ms_16'])} ms "
+                   f"| {_f(row['cpu_ms_1'])} ms | {_f(row['p50_ms_1'])} / {_f(row['p99_ms_1'])} "
+                   f"| {_f(row['added_p50_ms'])} / {_f(row['added_p99_ms'])} | {_f(row['p99_over_p50'], 1)} |")
+    fastest = max((row["rps_16"] for row in rows if row["rps_16"]), default=None)
+    if d16 and fastest:
+        out += ["", f"The load generator is not the bottleneck: the same {c['load_generator'].split()[0]} drove the "
+                f"fake upstream alone at {d16['rps']:,.0f} req/s, {d16['rps'] / fastest:.0f} times the fastest "
+                "server above."]
+    gw = next((row for row in rows if row["server"] == "gateway"), None)
+    others = [row for row in rows if row["server"] != "gateway" and row["rps_16"] is not None]
+    if gw and others:
+        out += ["", "| gateway / peer | req/s, 16 conns (higher is better) | CPU per request, 16 conns (lower is "
+                "better) | added p50, 1 conn (lower is better) | added p99, 1 conn |", "|---|---|---|---|---|"]
+        for row in others:
+            out.append(f"| gateway / {row['label']} | {_ratio(gw['rps_16'], row['rps_16'])} "
+                       f"| {_ratio(gw['cpu_ms_16'], row['cpu_ms_16'])} "
+                       f"| {_ratio(gw['added_p50_ms'], row['added_p50_ms'])} "
+                       f"| {_ratio(gw['added_p99_ms'], row['added_p99_ms'])} |")
+    w1, w2 = runs.get("plain_gateway_16_redis_w1"), runs.get("plain_gateway_16_redis_w2")
+    if w1 and w2:
+        out += ["", f"Gateway, 16 connections with Redis limits: {w2['rps']:,.0f} req/s with 2 workers against "
+                f"{w1['rps']:,.0f} with 1 ({_ratio(w2['rps'], w1['rps'])})."]
+    return "\n".join(out)
 
 
 def chart(r: dict, out: Path) -> None:

@@ -1,9 +1,17 @@
 """The gateway's benchmark: a fake upstream, the gateway as users run it, and load from a separate process.
 
-    .venv/bin/python bench/run.py [--quick]
+    .venv/bin/python bench/run.py [--quick] [--peers | --peers-only]
+
+--peers adds LiteLLM's proxy and Portkey's gateway (bench/peers.py: pinned, installed once into
+~/.cache/gateway-bench, never into the project's .venv) to the same run: plain requests at 1 and 16 connections
+to the fake upstream directly, the gateway (one worker), Portkey and LiteLLM (1 and 2 workers), and a side-by-side
+table with ratios gateway / peer on stdout, in results.json and in bench/results/peers.md. --peers-only runs just
+that (and writes peers.json instead of results.json).
 
 Everything listens on 127.0.0.1; every load step is bounded in time and count; every process started here is
-stopped at the end. Results: a table on stdout, bench/results/results.json, latency.png and latency.svg.
+stopped at the end. Results: a table on stdout, bench/results/results.json, latency.png and latency.svg. The load
+generator is wrk when installed (apt-installed when missing and allowed), else bench/load.py; the conditions line
+and results.json say which.
 """
 from __future__ import annotations
 
@@ -27,6 +35,7 @@ from importlib import metadata
 from pathlib import Path
 
 import harness
+import peers
 import pyspy
 import report
 from harness import ROOT, BenchError, Meter, request, rss_bytes, start, stop
@@ -152,27 +161,35 @@ class Bench:
         cpu = next((ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text().splitlines()
                     if ln.startswith("model name")), platform.processor())
         versions = {p: metadata.version(p) for p in ("gunicorn", "gevent", "flask", "flask-limiter", "requests")}
+        if self.args.peers:
+            versions.update({"litellm": peers.LITELLM_VERSION, "@portkey-ai/gateway": peers.PORTKEY_VERSION,
+                             "node": peers.node_version()})
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True,
+                                timeout=10).stdout.strip() or None
         wrk = None
         if self.wrk:
             out = subprocess.run([self.wrk, "--version"], capture_output=True, text=True, timeout=10)
             wrk = (out.stdout + out.stderr).split("Copyright")[0].strip()
         return {"date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"), "cores": os.cpu_count(),
                 "cpu": cpu, "loadavg_at_start": os.getloadavg(), "kernel": platform.release(),
-                "python": platform.python_version(), "versions": versions,
+                "python": platform.python_version(), "versions": versions, "commit": commit,
                 "load_generator": wrk or "bench/load.py (gevent raw sockets)", "quick": self.args.quick,
                 "note": "fake upstream, gateway and load generator all run on this machine and share its cores"}
 
-    def plain(self, name: str, port: int, key: str, conns: int, pids: dict[str, list[int]]) -> dict:
+    def plain(self, name: str, port: int, key: str, conns: int, pids: dict[str, list[int]],
+              headers: dict[str, str] | None = None) -> dict:
+        """Non-streamed load; CPU per request is that of pids["gateway"] or, for a peer, pids["server"]."""
         meter = Meter(pids)
         if self.wrk:
-            out = harness.run_wrk(self.wrk, self.tmp, port, key, PLAIN, conns, self.args.duration)
+            out = harness.run_wrk(self.wrk, self.tmp, port, key, PLAIN, conns, self.args.duration, headers)
         else:
-            out = harness.run_load(self.tmp, harness.load_cmd("plain", port, key, PLAIN, conns,
+            out = harness.run_load(self.tmp, harness.load_cmd("plain", port, key, PLAIN, conns, headers,
                                                               duration=self.args.duration), self.args.duration + 60)
         out.update(meter.done())
         out["conns"] = conns
-        if "gateway_cpu_s" in out and out["requests"]:
-            out["cpu_per_request_ms"] = out["gateway_cpu_s"] / out["requests"] * 1000
+        cpu = out.get("gateway_cpu_s", out.get("server_cpu_s"))
+        if cpu is not None and out["requests"]:
+            out["cpu_per_request_ms"] = cpu / out["requests"] * 1000
         self.results["runs"][name] = out
         print(report.progress(name, out), flush=True)
         return out
@@ -323,6 +340,60 @@ class Bench:
         finally:
             gw.stop()
 
+    def run_peers(self) -> None:
+        """Plain requests at 1 and 16 connections, in this one run, to the fake upstream directly, the gateway
+        (one worker), Portkey's gateway and LiteLLM's proxy (1 and 2 workers). Server CPU is each server's whole
+        process tree (the gateway's gunicorn arbiter included), so the figures compare like with like."""
+        up = [self.upstream.pid]
+        steps = (1, 16)
+        self.results["peers"] = peers_out = {"servers": {}}
+        for conns in steps:
+            self.plain(f"peers_direct_{conns}", self.up_port, UPSTREAM_KEY, conns, {"upstream": up})
+        gw = Gateway(self, "peers-gateway")
+        try:
+            key = gw.key()
+            self.warm(gw, key)
+            tree = [gw.proc.pid] + gw.pids
+            peers_out["servers"]["gateway"] = {"label": "this gateway (gunicorn, 1 gevent worker)", "pids": len(tree)}
+            for conns in steps:
+                self.plain(f"peers_gateway_{conns}", gw.port, key, conns, {"server": tree, "upstream": up})
+        finally:
+            gw.stop()
+        starts = [("portkey", f"Portkey {peers.PORTKEY_VERSION} (node, 1 process)",
+                   lambda: peers.Portkey(self.tmp, self.upstream_url, UPSTREAM_KEY))]
+        for w in self.args.litellm_workers:
+            starts.append((f"litellm_w{w}", f"LiteLLM {peers.LITELLM_VERSION} ({w} worker{'s' if w > 1 else ''})",
+                           lambda w=w: peers.LiteLLM(self.tmp, self.upstream_url, UPSTREAM_KEY, MODEL, w)))
+        for name, label, make in starts:
+            try:
+                peer = make()
+            except BenchError as exc:
+                peers_out["servers"][name] = {"label": label, "error": str(exc)}
+                print(f"bench: {label} skipped: {exc}", flush=True)
+                continue
+            try:
+                self.warm_peer(peer)
+                tree = peer.pids()
+                peers_out["servers"][name] = {"label": label, "pids": len(tree)}
+                for conns in steps:
+                    out = self.plain(f"peers_{name}_{conns}", peer.port, peer.key, conns,
+                                     {"server": tree, "upstream": up}, peer.extra_headers())
+                    if peer.pids() != tree:
+                        out["note"] = "the process tree changed during the step; CPU counts the tree at its start"
+            except BenchError as exc:
+                peers_out["servers"][name]["error"] = str(exc)
+                print(f"bench: {label} failed: {exc}", flush=True)
+            finally:
+                peer.stop()
+
+    def warm_peer(self, peer: peers.Peer) -> None:
+        """Twenty requests, each checked to be the fake upstream's answer relayed, before measuring."""
+        headers = {"Authorization": f"Bearer {peer.key}", "Content-Type": "application/json", **peer.extra_headers()}
+        for _ in range(20):
+            status, body, _ = request("POST", peer.port, "/v1/chat/completions", PLAIN.encode(), headers, timeout=30)
+            if status != 200 or b"Hello from the bench upstream!" not in body:
+                raise BenchError(f"{peer.name} answered {status}: {body[:300]!r}; log {peer.log}")
+
     def run_redis(self) -> None:
         """WORKERS=2 with Redis-backed limits (a key with limits that never bind), 16 connections."""
         server = shutil.which("redis-server")
@@ -376,12 +447,21 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--no-hold", action="store_true")
     parser.add_argument("--no-redis", action="store_true")
     parser.add_argument("--profile", action="store_true", help="also record py-spy profiles (extra runs)")
+    parser.add_argument("--peers", action="store_true",
+                        help="also run LiteLLM and Portkey (installed once into ~/.cache/gateway-bench) beside the "
+                             "gateway: plain requests at 1 and 16 connections; writes results/peers.md")
+    parser.add_argument("--peers-only", action="store_true",
+                        help="--peers, and skip the gateway's other steps (writes peers.json, not results.json)")
+    parser.add_argument("--litellm-workers", default="1,2", help="LiteLLM worker counts to run (default 1,2)")
     parser.add_argument("--out", default=str(harness.BENCH / "results"))
     parser.add_argument("--keep-tmp", action="store_true", help="keep the temp dir (configs, databases, logs)")
     args = parser.parse_args()
     args.duration = args.duration or (3 if args.quick else 10)
     args.hold_seconds = args.hold_seconds or (5 if args.quick else 20)
     args.hold = [int(x) for x in (args.hold or ("200" if args.quick else "1000,5000")).split(",") if x]
+    args.litellm_workers = [int(x) for x in args.litellm_workers.split(",") if x]
+    if args.peers_only:
+        args.peers = args.no_main = args.no_hold = args.no_redis = True
     args.conns = [1, 16, 64]
     args.streams = [1, 50]
     return args
@@ -402,13 +482,27 @@ def main() -> int:
             bench.run_hold(n)
         if not args.no_redis:
             bench.run_redis()
+        if args.peers:
+            bench.run_peers()
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)
         bench.results["targets"] = report.targets(bench.results)
-        (out / "results.json").write_text(json.dumps(bench.results, indent=2, default=str) + "\n")
-        report.chart(bench.results, out)
-        print(report.table(bench.results))
-        print(f"\nwritten: {out / 'results.json'}, {out / 'latency.png'}, {out / 'latency.svg'}")
+        # --peers-only leaves the full run's results.json in place and writes its own file beside it.
+        json_path = out / ("peers.json" if args.peers_only else "results.json")
+        written = [json_path]
+        if args.peers:
+            bench.results["peers"]["table"] = report.peers_rows(bench.results)
+            md = report.peers_markdown(bench.results)
+            (out / "peers.md").write_text(md + "\n")
+            written.append(out / "peers.md")
+        json_path.write_text(json.dumps(bench.results, indent=2, default=str) + "\n")
+        if not args.peers_only:
+            report.chart(bench.results, out)
+            print(report.table(bench.results))
+            written += [out / "latency.png", out / "latency.svg"]
+        if args.peers:
+            print("\n" + md)
+        print("\nwritten: " + ", ".join(map(str, written)))
         return 0
     except BenchError as exc:
         print(f"bench: {exc}", file=sys.stderr)
