@@ -152,9 +152,15 @@ def register(app: Flask) -> None:
     @_writes
     def audit() -> None:
         """Check that every key's balance plus open holds equals the sum of its ledger; exit 1 if not."""
+        ttl = current_app.config["GATEWAY"].server.hold_ttl_seconds
         with db.cli_connection(_db()) as conn:
             bad = billing.audit(conn)
             count = conn.execute("SELECT COUNT(*) FROM api_keys").fetchone()[0]
+            stale = billing.stale_holds(conn, ttl)
+        # Reported, not failed: the books still balance, but a request held this long is stuck or its worker lost.
+        for hold_id, key_id, request_id, pid, host, age in stale:
+            click.echo(f"hold {hold_id} of key {key_id} ({request_id}, pid {pid} on {host or 'unknown host'}) is "
+                       f"{age:.0f} s old, older than hold_ttl_seconds ({ttl:g}); it returns when that worker is gone")
         for key_id, balance, held, ledger in bad:
             click.echo(f"key {key_id}: balance {billing.format_credits(balance)} + held "
                        f"{billing.format_credits(held)} != ledger {billing.format_credits(ledger)}")

@@ -363,7 +363,9 @@ def test_cli_commands_and_other_workers_never_release_a_live_stream(make_gateway
     held = NANO - gw.balance(key_id)
     time.sleep(3.2)  # the hold is now older than hold_ttl_seconds
     assert gw.flask("keys", "list").returncode == 0
-    assert gw.flask("audit").returncode == 0
+    audit = gw.flask("audit")
+    assert audit.returncode == 0, audit.stdout + audit.stderr  # the books balance; the old hold is reported
+    assert "older than hold_ttl_seconds (3)" in audit.stdout and f"of key {key_id} " in audit.stdout
     other = Gateway(gw.tmp, gw.cfg).start()  # its worker start sweeps orphans: this hold's owner is alive
     other.stop()
     assert t.is_alive(), "the stream ended before the test was done with it"
