@@ -28,7 +28,15 @@ import keys
 import music
 import tokens
 import vision
-from errors import AuthError, GatewayError, InvalidRequest, ModelNotFound, NotFound, PayloadTooLarge, RateLimited
+from errors import (
+    AuthenticationError,
+    BadRequestError,
+    GatewayError,
+    ModelNotFoundError,
+    NotFoundError,
+    PayloadTooLargeError,
+    RateLimitError,
+)
 from metering import Ticket
 
 log = logging.getLogger("gateway")
@@ -36,8 +44,8 @@ request_log = logging.getLogger("gateway.request")  # the same logger metering w
 # JSON nested deeper than this is refused: Python's parser and every recursive walk of a body after it (vision,
 # token counting, re-encoding for the upstream) would otherwise die with RecursionError, a 500.
 MAX_JSON_DEPTH = 200
-_HTTP_CODES = {404: (NotFound, "not_found"), 405: (InvalidRequest, "method_not_allowed"),
-               413: (PayloadTooLarge, "request_too_large")}
+_HTTP_CODES = {404: (NotFoundError, "not_found"), 405: (BadRequestError, "method_not_allowed"),
+               413: (PayloadTooLargeError, "request_too_large")}
 
 
 def _setup_logging() -> None:
@@ -91,17 +99,17 @@ def create_app(cfg: config_mod.Config | None = None) -> Flask:
             return None
         length = request.content_length
         if length is not None and length > cfg.server.max_body_bytes:
-            raise PayloadTooLarge(f"The request body is {length} bytes; the limit is {cfg.server.max_body_bytes}.")
+            raise PayloadTooLargeError(f"The request body is {length} bytes; the limit is {cfg.server.max_body_bytes}.")
         header = request.headers.get("Authorization", "")
         if not header:
-            raise AuthError("You didn't provide an API key. Send it as 'Authorization: Bearer sk-...'.")
+            raise AuthenticationError("You didn't provide an API key. Send it as 'Authorization: Bearer sk-...'.")
         scheme, _, token = header.partition(" ")
         token = token.strip()
         if scheme.lower() != "bearer" or not token.startswith("sk-"):
-            raise AuthError("The Authorization header must be 'Bearer sk-...'.")
+            raise AuthenticationError("The Authorization header must be 'Bearer sk-...'.")
         key = keys.lookup(db.conn_for(database), token)
         if key is None:
-            raise AuthError(f"Incorrect API key provided: {token[:6]}...{token[-4:]}.")
+            raise AuthenticationError(f"Incorrect API key provided: {token[:6]}...{token[-4:]}.")
         g.api_key = key
         return None
 
@@ -156,7 +164,7 @@ def create_app(cfg: config_mod.Config | None = None) -> Flask:
             advice = f"The daily budget resets in {_duration(retry)}; ask the operator for a higher limit."
         else:
             advice = f"Please try again in {retry}s."
-        return _error_response(RateLimited(
+        return _error_response(RateLimitError(
             f"Rate limit reached for requests per {per}: limit {item.amount}. {advice}", headers=headers))
 
     @app.errorhandler(HTTPException)
@@ -194,7 +202,7 @@ def create_app(cfg: config_mod.Config | None = None) -> Flask:
     def get_model(model_id: str) -> Response:
         model = cfg.models.get(model_id)
         if model is None:
-            raise ModelNotFound(f"The model `{model_id}` does not exist or you do not have access to it.",
+            raise ModelNotFoundError(f"The model `{model_id}` does not exist or you do not have access to it.",
                                 param="model")
         return model_object(model)
 
@@ -271,13 +279,13 @@ def _read_body(limit: int) -> bytes:
             size += len(chunk)
     except (OSError, ValueError, ParseException) as exc:  # InvalidChunkSize, ChunkMissingTerminator, NoMoreData
         # gunicorn marks the body failed itself, and closes the connection after this answer.
-        raise InvalidRequest(f"The chunked request body is malformed ({type(exc).__name__}); send a valid "
+        raise BadRequestError(f"The chunked request body is malformed ({type(exc).__name__}); send a valid "
                              "chunked body or a Content-Length.", code="invalid_body") from None
     # gunicorn would drain the rest of an unbounded body before the next request; marked failed (gunicorn
     # 27's own flag for a body it cannot finish), the connection is closed after this answer instead.
     if hasattr(stream, "failed"):
         stream.failed = True
-    raise PayloadTooLarge(f"The chunked request body is larger than the limit of {limit} bytes.")
+    raise PayloadTooLargeError(f"The chunked request body is larger than the limit of {limit} bytes.")
 
 
 def _json_depth_ok(value: object) -> bool:
@@ -297,17 +305,17 @@ def _json_depth_ok(value: object) -> bool:
 def _json_body() -> dict:
     """The request's JSON object, or OpenAI's 400 for anything else."""
     raw = _read_body(current_app.config["GATEWAY"].server.max_body_bytes)
-    too_deep = InvalidRequest(f"The JSON body nests arrays and objects more than {MAX_JSON_DEPTH} levels deep; "
+    too_deep = BadRequestError(f"The JSON body nests arrays and objects more than {MAX_JSON_DEPTH} levels deep; "
                               "flatten it.", code="invalid_json")
     try:
         body = json.loads(raw)
     except RecursionError:
         raise too_deep from None
     except ValueError:
-        raise InvalidRequest("We could not parse the JSON body of your request. Send a valid JSON object.",
+        raise BadRequestError("We could not parse the JSON body of your request. Send a valid JSON object.",
                              code="invalid_json") from None
     if not isinstance(body, dict):
-        raise InvalidRequest("The request body must be a JSON object.", code="invalid_json")
+        raise BadRequestError("The request body must be a JSON object.", code="invalid_json")
     # Counting brackets is C-fast; only a body that could be that deep is walked.
     if raw.count(b"[") + raw.count(b"{") > MAX_JSON_DEPTH and not _json_depth_ok(body):
         raise too_deep

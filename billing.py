@@ -13,7 +13,7 @@ from typing import Any
 
 import db
 from config import NANO, ModelConfig
-from errors import InsufficientCredits
+from errors import InsufficientCreditsError
 
 MILLION = 1_000_000
 # The most credits a key may hold, be given or be topped up with: 10^18 nano-credits, far inside SQLite's signed
@@ -149,7 +149,7 @@ class Charge:
 
 
 def hold(path: str, key_id: int, request_id: str, planner: Callable[[int], tuple[int, Any]]) -> Hold:
-    """Reserve credits before any upstream call: planner(balance) -> (amount, plan), or raises InsufficientCredits.
+    """Reserve credits before any upstream call: planner(balance) -> (amount, plan), or raises InsufficientCreditsError.
 
     The planner runs inside the write transaction, so the balance it sees is the balance it debits.
     """
@@ -159,8 +159,8 @@ def hold(path: str, key_id: int, request_id: str, planner: Callable[[int], tuple
         try:
             amount, plan = planner(balance)
             if amount > balance:
-                raise InsufficientCredits("This key does not have enough credits for this request.")
-        except InsufficientCredits as exc:
+                raise InsufficientCreditsError("This key does not have enough credits for this request.")
+        except InsufficientCreditsError as exc:
             raise _with_reserved(conn, key_id, exc) from None
         conn.execute("UPDATE api_keys SET balance = balance - ? WHERE id = ?", (amount, key_id))
         host, boot, started = owner()
@@ -172,14 +172,14 @@ def hold(path: str, key_id: int, request_id: str, planner: Callable[[int], tuple
     return db.write(path, work)
 
 
-def _with_reserved(conn: sqlite3.Connection, key_id: int, exc: InsufficientCredits) -> InsufficientCredits:
+def _with_reserved(conn: sqlite3.Connection, key_id: int, exc: InsufficientCreditsError) -> InsufficientCreditsError:
     """The 402 with what the key's requests in flight hold: those credits come back as they finish."""
     count, held = conn.execute("SELECT COUNT(*), COALESCE(SUM(amount), 0) FROM holds WHERE key_id = ?",
                                (key_id,)).fetchone()
     if not count:
         return exc
     what = "1 request" if count == 1 else f"{count} requests"
-    return InsufficientCredits(f"{exc.message} Another {format_credits(held)} credits are reserved by {what} in "
+    return InsufficientCreditsError(f"{exc.message} Another {format_credits(held)} credits are reserved by {what} in "
                                "flight; what they do not spend comes back when they finish, so retry then.")
 
 
@@ -237,7 +237,7 @@ def fixed(amount: int, what: str, hint: str) -> Callable[[int], tuple[int, None]
     """A hold planner for a known price: the amount, or 402 saying what the key has and what `what` needs."""
     def plan(balance: int) -> tuple[int, None]:
         if amount > balance:
-            raise InsufficientCredits(f"This key has {format_credits(balance)} credits; {what} need "
+            raise InsufficientCreditsError(f"This key has {format_credits(balance)} credits; {what} need "
                                       f"{format_credits(amount)}. Top up the key or {hint}.")
         return amount, None
     return plan

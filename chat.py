@@ -15,7 +15,7 @@ import db
 import tokens
 import vision
 from config import ModelConfig, UpstreamConfig
-from errors import GatewayError, InsufficientCredits, InvalidRequest, UpstreamError
+from errors import BadRequestError, GatewayError, InsufficientCreditsError, UpstreamError
 from metering import Ticket, dumps_with_cost
 from providers import openai as openai_provider
 from providers.http import require_key
@@ -31,7 +31,7 @@ def _int_field(body: dict, name: str, low: int, high: int | None = None) -> int 
         return None
     if isinstance(value, bool) or not isinstance(value, int) or value < low or (high and value > high):
         bound = f" and at most {high}" if high else ""
-        raise InvalidRequest(f"'{name}' must be an integer of at least {low}{bound}.", param=name,
+        raise BadRequestError(f"'{name}' must be an integer of at least {low}{bound}.", param=name,
                              code="invalid_value")
     return value
 
@@ -39,34 +39,34 @@ def _int_field(body: dict, name: str, low: int, high: int | None = None) -> int 
 def validate(route: str, body: dict) -> None:
     """OpenAI's required fields and the types of the fields the gateway itself uses."""
     if "model" not in body:
-        raise InvalidRequest("You must provide a model parameter.", param="model", code="missing_required_parameter")
+        raise BadRequestError("You must provide a model parameter.", param="model", code="missing_required_parameter")
     if route == "chat":
         msgs = body.get("messages")
         if msgs is None:
-            raise InvalidRequest("Missing required parameter: 'messages'.", param="messages",
+            raise BadRequestError("Missing required parameter: 'messages'.", param="messages",
                                  code="missing_required_parameter")
         if not isinstance(msgs, list) or not msgs:
-            raise InvalidRequest("'messages' must be a non-empty array.", param="messages", code="invalid_type")
+            raise BadRequestError("'messages' must be a non-empty array.", param="messages", code="invalid_type")
         for i, msg in enumerate(msgs):
             if not isinstance(msg, dict) or not isinstance(msg.get("role"), str):
-                raise InvalidRequest(f"'messages[{i}]' must be an object with a 'role'.", param=f"messages[{i}]",
+                raise BadRequestError(f"'messages[{i}]' must be an object with a 'role'.", param=f"messages[{i}]",
                                      code="invalid_type")
             content = msg.get("content")
             if content is not None and not isinstance(content, (str, list)):
-                raise InvalidRequest(f"'messages[{i}].content' must be a string or an array of parts.",
+                raise BadRequestError(f"'messages[{i}].content' must be a string or an array of parts.",
                                      param=f"messages[{i}].content", code="invalid_type")
     else:
         prompt = body.get("prompt")
         if prompt is None:
-            raise InvalidRequest("Missing required parameter: 'prompt'.", param="prompt",
+            raise BadRequestError("Missing required parameter: 'prompt'.", param="prompt",
                                  code="missing_required_parameter")
         if not isinstance(prompt, (str, list)):
-            raise InvalidRequest("'prompt' must be a string or an array.", param="prompt", code="invalid_type")
+            raise BadRequestError("'prompt' must be a string or an array.", param="prompt", code="invalid_type")
     if body.get("stream") is not None and not isinstance(body["stream"], bool):
-        raise InvalidRequest("'stream' must be a boolean.", param="stream", code="invalid_type")
+        raise BadRequestError("'stream' must be a boolean.", param="stream", code="invalid_type")
     options = body.get("stream_options")
     if options is not None and not isinstance(options, dict):
-        raise InvalidRequest("'stream_options' must be an object.", param="stream_options", code="invalid_type")
+        raise BadRequestError("'stream_options' must be an object.", param="stream_options", code="invalid_type")
     for name in ("max_tokens", "max_completion_tokens"):
         _int_field(body, name, 1)
     _int_field(body, "n", 1, 128)
@@ -104,8 +104,8 @@ def planner(model: ModelConfig, prompt_tokens: int, mult: int, client_cap: int |
     def cost(cap: int) -> int:
         return billing.ceil_div(prompt_scaled + cap * out_unit, MILLION)
 
-    def short(balance: int, cap: int, hint: str) -> InsufficientCredits:
-        return InsufficientCredits(f"This key has {billing.format_credits(balance)} credits available; this "
+    def short(balance: int, cap: int, hint: str) -> InsufficientCreditsError:
+        return InsufficientCreditsError(f"This key has {billing.format_credits(balance)} credits available; this "
                                    f"request needs at least {billing.format_credits(cost(cap))}. {hint}")
 
     def plan(balance: int) -> tuple[int, int]:

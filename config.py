@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-from errors import InvalidRequest, ModelNotFound
+from errors import BadRequestError, ModelNotFoundError
 
 NANO = 10**9
 MODE_KINDS = {"chat": ("openai",), "image": ("openai", "gemini"), "music": ("lyria",)}  # what can serve what
@@ -166,12 +166,13 @@ class Config:
         if name is None and default:
             name = default
         if not isinstance(name, str) or not name:
-            raise InvalidRequest("'model' must be a non-empty string.", param="model", code="invalid_type")
+            raise BadRequestError("'model' must be a non-empty string.", param="model", code="invalid_type")
         model = self.models.get(name)
         if model is None:
-            raise ModelNotFound(f"The model `{name}` does not exist or you do not have access to it.", param="model")
+            raise ModelNotFoundError(f"The model `{name}` does not exist or you do not have access to it.",
+                                     param="model")
         if model.mode != mode:
-            raise InvalidRequest(f"The model `{name}` is a {model.mode} model and cannot serve a {mode} request.",
+            raise BadRequestError(f"The model `{name}` is a {model.mode} model and cannot serve a {mode} request.",
                                  param="model", code="model_not_supported")
         return model, self.upstreams[model.upstream]
 

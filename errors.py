@@ -29,39 +29,35 @@ class GatewayError(Exception):
                           "param": self.param, "code": self.code}}
 
 
-class InvalidRequest(GatewayError):
+class BadRequestError(GatewayError):
     status, type, code = 400, "invalid_request_error", "invalid_request"
 
 
-class ContentPolicy(GatewayError):
+class ContentPolicyError(GatewayError):
     status, type, code = 400, "invalid_request_error", "content_policy_violation"
 
 
-class AuthError(GatewayError):
+class AuthenticationError(GatewayError):
     status, type, code = 401, "invalid_request_error", "invalid_api_key"
 
 
-class InsufficientCredits(GatewayError):
+class InsufficientCreditsError(GatewayError):
     status, type, code = 402, "insufficient_quota", "insufficient_credits"
 
 
-class PermissionDenied(GatewayError):
-    status, type, code = 403, "permission_error", "permission_denied"
-
-
-class NotFound(GatewayError):
+class NotFoundError(GatewayError):
     status, type, code = 404, "invalid_request_error", "not_found"
 
 
-class ModelNotFound(GatewayError):
+class ModelNotFoundError(GatewayError):
     status, type, code = 404, "invalid_request_error", "model_not_found"
 
 
-class PayloadTooLarge(GatewayError):
+class PayloadTooLargeError(GatewayError):
     status, type, code = 413, "invalid_request_error", "request_too_large"
 
 
-class RateLimited(GatewayError):
+class RateLimitError(GatewayError):
     status, type, code = 429, "rate_limit_error", "rate_limit_exceeded"
 
 
@@ -71,5 +67,5 @@ class UpstreamError(GatewayError):
     status, type, code = 502, "api_error", "upstream_error"
 
 
-class UpstreamTimeout(GatewayError):
+class UpstreamTimeoutError(GatewayError):
     status, type, code = 504, "api_error", "upstream_timeout"

@@ -16,7 +16,7 @@ from flask import Response
 
 import billing
 from config import ModelConfig, UpstreamConfig
-from errors import InvalidRequest, UpstreamError
+from errors import BadRequestError, UpstreamError
 from metering import Ticket
 from providers import gemini
 from providers import openai as openai_provider
@@ -32,10 +32,10 @@ def _prompt(body: dict) -> str:
     """The required prompt: a string with something in it."""
     prompt = body.get("prompt")
     if prompt is None:
-        raise InvalidRequest("Missing required parameter: 'prompt'.", param="prompt",
+        raise BadRequestError("Missing required parameter: 'prompt'.", param="prompt",
                              code="missing_required_parameter")
     if not isinstance(prompt, str) or not prompt.strip():
-        raise InvalidRequest("prompt must be a non-empty string describing the image.", param="prompt",
+        raise BadRequestError("prompt must be a non-empty string describing the image.", param="prompt",
                              code="invalid_value")
     return prompt
 
@@ -46,7 +46,7 @@ def _n(body: dict) -> int:
     if n is None:
         return 1
     if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= MAX_N:
-        raise InvalidRequest(f"n must be an integer from 1 to {MAX_N}, not {json.dumps(n)}.", param="n",
+        raise BadRequestError(f"n must be an integer from 1 to {MAX_N}, not {json.dumps(n)}.", param="n",
                              code="invalid_value")
     return n
 
@@ -58,14 +58,14 @@ def _check_options(body: dict, upstream: UpstreamConfig, model: ModelConfig) -> 
         size = "auto" if size is None else size
         gemini.aspect_ratio(size, gemini.family(model.upstream_model))  # raises the 400 naming size
     elif size is not None and (not isinstance(size, str) or (size != "auto" and not _SIZE.fullmatch(size))):
-        raise InvalidRequest(f'size must be "auto" or WIDTHxHEIGHT in pixels, such as 1024x1024, not '
+        raise BadRequestError(f'size must be "auto" or WIDTHxHEIGHT in pixels, such as 1024x1024, not '
                              f'{json.dumps(size)}.', param="size", code="invalid_size")
     fmt = body.get("response_format")
     if fmt is not None and fmt not in FORMATS:
-        raise InvalidRequest(f"response_format must be one of {', '.join(FORMATS)}, not {json.dumps(fmt)}.",
+        raise BadRequestError(f"response_format must be one of {', '.join(FORMATS)}, not {json.dumps(fmt)}.",
                              param="response_format", code="invalid_value")
     if body.get("stream") not in (None, False):
-        raise InvalidRequest("Streaming image generation is not supported by this gateway; leave stream unset.",
+        raise BadRequestError("Streaming image generation is not supported by this gateway; leave stream unset.",
                              param="stream", code="unsupported_value")
     return size
 

@@ -15,7 +15,7 @@ from flask import Response
 
 import billing
 from config import ModelConfig
-from errors import InvalidRequest
+from errors import BadRequestError
 from metering import Ticket
 from providers import lyria
 from providers.http import require_key
@@ -31,7 +31,7 @@ def _format(body: dict) -> str:
     if value is None:
         return "pcm"
     if value not in FORMATS:
-        raise InvalidRequest(f"response_format must be one of {', '.join(FORMATS)}, not {json.dumps(value)}.",
+        raise BadRequestError(f"response_format must be one of {', '.join(FORMATS)}, not {json.dumps(value)}.",
                              param="response_format", code="invalid_value")
     return value
 

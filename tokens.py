@@ -18,7 +18,7 @@ import os
 from collections.abc import Callable
 from typing import Any
 
-from errors import InvalidRequest
+from errors import BadRequestError
 
 ENCODING = "o200k_base"
 _URL = "https://openaipublic.blob.core.windows.net/encodings/{}.tiktoken"
@@ -126,7 +126,7 @@ def completion_prompt(prompt: Any, exact: bool = False) -> int:
             total += 1
         elif isinstance(item, list):
             if depth >= MAX_PROMPT_DEPTH:
-                raise InvalidRequest("'prompt' must be a string, an array of strings or token ids, or an array of "
+                raise BadRequestError("'prompt' must be a string, an array of strings or token ids, or an array of "
                                      "arrays of token ids; it is nested deeper.", param="prompt",
                                      code="invalid_type")
             stack.extend((p, depth + 1) for p in item)

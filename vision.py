@@ -32,11 +32,11 @@ import billing
 import db
 import tokens
 from config import Config, ModelConfig, UpstreamConfig
-from errors import GatewayError, InvalidRequest, UpstreamError
+from errors import BadRequestError, GatewayError, UpstreamError
 from metering import Ticket
 from providers import openai as openai_provider
 from providers.http import require_key
-from safefetch import ByteBudget, ImageRefused, Lease, check_url, fetch_image, parse_data_url
+from safefetch import ByteBudget, ImageRefusedError, Lease, check_url, fetch_image, parse_data_url
 
 log = logging.getLogger("gateway.vision")
 
@@ -178,20 +178,20 @@ def plan(cfg: Config, model: ModelConfig, upstream: UpstreamConfig, body: dict, 
         return None
     warn_if_loopback(cfg)
     if len(refs) > cfg.vision.max_images:
-        raise InvalidRequest(f"This request has {len(refs)} images; at most {cfg.vision.max_images} are accepted "
+        raise BadRequestError(f"This request has {len(refs)} images; at most {cfg.vision.max_images} are accepted "
                              "per request.", param="messages", code="too_many_images")
     for ref in refs:
         scheme = ref.url.split(":", 1)[0].strip().lower() if ":" in ref.url else ""
         if scheme == "data":
             try:
                 ref.data, ref.mime = parse_data_url(ref.url, max_bytes=cfg.vision.max_image_bytes)
-            except ImageRefused as exc:
+            except ImageRefusedError as exc:
                 raise _named(ref, exc) from None
         elif scheme in ("http", "https"):
             ref.remote = True
         else:
             shown = f"scheme '{scheme[:20]}'" if scheme else "a URL without a scheme"
-            raise ImageRefused(f"{ref.where}: {shown} is not allowed; send an http(s) URL or a "
+            raise ImageRefusedError(f"{ref.where}: {shown} is not allowed; send an http(s) URL or a "
                                "data:image/<png|jpeg|gif|webp>;base64,... URL.", param=ref.where)
     _check_hosts(cfg, [r for r in refs if r.remote])
     vp = VisionPlan(cfg, body, refs, key_id)
@@ -249,13 +249,13 @@ def _find_images(body: dict) -> list[ImageRef]:
             value = part.get("image_url")
             url = value.get("url") if isinstance(value, dict) else value
             if not isinstance(url, str) or not url.strip():
-                raise ImageRefused(f"{where}: 'image_url.url' must be a non-empty string.", param=where)
+                raise ImageRefusedError(f"{where}: 'image_url.url' must be a non-empty string.", param=where)
             refs.append(ImageRef(where, i, j, url))
     return refs
 
 
-def _named(ref: ImageRef, exc: ImageRefused) -> ImageRefused:
-    return ImageRefused(f"{ref.where}: {exc.message}", param=ref.where)
+def _named(ref: ImageRef, exc: ImageRefusedError) -> ImageRefusedError:
+    return ImageRefusedError(f"{ref.where}: {exc.message}", param=ref.where)
 
 
 def _check_hosts(cfg: Config, refs: list[ImageRef]) -> None:
@@ -265,10 +265,10 @@ def _check_hosts(cfg: Config, refs: list[ImageRef]) -> None:
         return
     v = cfg.vision
 
-    def check(url: str) -> ImageRefused | None:
+    def check(url: str) -> ImageRefusedError | None:
         try:
             check_url(url, allow_loopback=v.allow_loopback_image_hosts, timeout=v.fetch_timeout_seconds)
-        except ImageRefused as exc:
+        except ImageRefusedError as exc:
             return exc
         return None
 
@@ -309,7 +309,7 @@ def _fetch(cfg: Config, refs: list[ImageRef], lease: Lease) -> None:
                                      timeout=v.fetch_timeout_seconds)
             kept = len(data)
             return data, mime
-        except ImageRefused as exc:
+        except ImageRefusedError as exc:
             return exc
         finally:
             pot.keep(lease, v.max_image_bytes, kept)
@@ -317,7 +317,7 @@ def _fetch(cfg: Config, refs: list[ImageRef], lease: Lease) -> None:
     results = dict(zip(urls, Pool(min(CONCURRENCY, len(urls))).map(get, urls), strict=True))
     for ref in refs:
         got = results[ref.url]
-        if isinstance(got, ImageRefused):
+        if isinstance(got, ImageRefusedError):
             raise _named(ref, got)
         if isinstance(got, GatewayError):
             raise got
@@ -338,7 +338,7 @@ def _bridge_model(cfg: Config, model: ModelConfig) -> ModelConfig:
     """The configured bridge model (its upstream key checked now, before any credit moves)."""
     name = cfg.vision.bridge_model
     if not name or name not in cfg.models:
-        raise InvalidRequest(f"The model '{model.id}' cannot read images and this gateway has no vision bridge to "
+        raise BadRequestError(f"The model '{model.id}' cannot read images and this gateway has no vision bridge to "
                              "describe them: the operator must set bridge_model (a model with vision = true) in "
                              "the [vision] table of config.toml. Or send the images to a vision model.",
                              param="model", code="model_not_supported")

@@ -17,7 +17,7 @@ from websockets.exceptions import ConnectionClosed, InvalidStatus, InvalidURI, W
 from websockets.sync.client import ClientConnection, connect
 
 from config import UpstreamConfig
-from errors import ContentPolicy, InvalidRequest, UpstreamError, UpstreamTimeout
+from errors import BadRequestError, ContentPolicyError, UpstreamError, UpstreamTimeoutError
 from providers.http import require_key, scrub
 
 SAMPLE_RATE = 48000
@@ -76,24 +76,24 @@ def _is_number(value: Any) -> bool:
 def _prompt_list(items: Any, field: str) -> list[dict]:
     """A validated weighted-prompt list in wire form; errors name the offending element."""
     if not isinstance(items, list) or not items:
-        raise InvalidRequest(f"{field} must be a non-empty list of {{\"text\": ..., \"weight\": ...}} objects.",
+        raise BadRequestError(f"{field} must be a non-empty list of {{\"text\": ..., \"weight\": ...}} objects.",
                              param=field)
     prompts = []
     for i, item in enumerate(items):
         where = f"{field}[{i}]"
         if not isinstance(item, dict):
-            raise InvalidRequest(f"{where} must be an object with text and an optional weight.", param=where)
+            raise BadRequestError(f"{where} must be an object with text and an optional weight.", param=where)
         extra = sorted(set(item) - {"text", "weight"})
         if extra:
-            raise InvalidRequest(f"{where}.{extra[0]} is not supported; a prompt has only text and weight.",
+            raise BadRequestError(f"{where}.{extra[0]} is not supported; a prompt has only text and weight.",
                                  param=f"{where}.{extra[0]}")
         text = item.get("text")
         if not isinstance(text, str) or not text.strip():
-            raise InvalidRequest(f"{where}.text must be a non-empty string.", param=f"{where}.text")
+            raise BadRequestError(f"{where}.text must be a non-empty string.", param=f"{where}.text")
         weight = item.get("weight", 1.0)
         # Lyria normalises weights, so 0 is meaningless there and rejected; negative weights steer away.
         if not _is_number(weight) or weight == 0:
-            raise InvalidRequest(f"{where}.weight must be a non-zero number such as 1.0.", param=f"{where}.weight")
+            raise BadRequestError(f"{where}.weight must be a non-zero number such as 1.0.", param=f"{where}.weight")
         prompts.append({"text": text, "weight": float(weight)})
     return prompts
 
@@ -102,19 +102,19 @@ def parse_prompts(body: dict) -> list[dict]:
     """The request's prompt or weighted_prompts (exactly one) as Lyria weightedPrompts."""
     prompt, weighted = body.get("prompt"), body.get("weighted_prompts")
     if prompt is not None and weighted is not None:
-        raise InvalidRequest("Give either prompt or weighted_prompts, not both.", param="prompt")
+        raise BadRequestError("Give either prompt or weighted_prompts, not both.", param="prompt")
     if weighted is not None:
         return _prompt_list(weighted, "weighted_prompts")
     if prompt is None:
-        raise InvalidRequest("prompt is required: describe the music, or send weighted_prompts as a list of "
+        raise BadRequestError("prompt is required: describe the music, or send weighted_prompts as a list of "
                              "{\"text\": ..., \"weight\": ...} objects.", param="prompt")
     if isinstance(prompt, str):
         if not prompt.strip():
-            raise InvalidRequest("prompt must be a non-empty string.", param="prompt")
+            raise BadRequestError("prompt must be a non-empty string.", param="prompt")
         return [{"text": prompt, "weight": 1.0}]
     if isinstance(prompt, list):
         return _prompt_list(prompt, "prompt")
-    raise InvalidRequest("prompt must be a string or a list of {\"text\": ..., \"weight\": ...} objects.",
+    raise BadRequestError("prompt must be a string or a list of {\"text\": ..., \"weight\": ...} objects.",
                          param="prompt")
 
 
@@ -123,7 +123,7 @@ def parse_duration(value: Any, default: float) -> float:
     if value is None:
         value = default
     elif not _is_number(value):
-        raise InvalidRequest(f"duration_seconds must be a number of seconds ({MIN_SECONDS} to {MAX_SECONDS}).",
+        raise BadRequestError(f"duration_seconds must be a number of seconds ({MIN_SECONDS} to {MAX_SECONDS}).",
                              param="duration_seconds")
     return float(min(max(value, MIN_SECONDS), MAX_SECONDS))
 
@@ -138,20 +138,20 @@ def _config_value(name: str, value: Any, kind: str, allowed: Any) -> Any:
     param = f"music_generation_config.{name}"
     if kind == "bool":
         if not isinstance(value, bool):
-            raise InvalidRequest(f"{param} must be true or false.", param=param)
+            raise BadRequestError(f"{param} must be true or false.", param=param)
         return value
     if kind == "enum":
         if value not in allowed:
-            raise InvalidRequest(f"{param} must be one of {', '.join(allowed)}.", param=param)
+            raise BadRequestError(f"{param} must be one of {', '.join(allowed)}.", param=param)
         return value
     low, high = allowed
     if kind == "int":
         # 120.0 is accepted as 120: JSON from some clients does not distinguish the two.
         if not _is_number(value) or value != int(value) or not low <= value <= high:
-            raise InvalidRequest(f"{param} must be a whole number from {low} to {high}.", param=param)
+            raise BadRequestError(f"{param} must be a whole number from {low} to {high}.", param=param)
         return int(value)
     if not _is_number(value) or not low <= value <= high:
-        raise InvalidRequest(f"{param} must be a number from {low} to {high}.", param=param)
+        raise BadRequestError(f"{param} must be a number from {low} to {high}.", param=param)
     return float(value)
 
 
@@ -160,17 +160,17 @@ def parse_config(cfg: Any) -> dict:
     if cfg is None:
         return {}
     if not isinstance(cfg, dict):
-        raise InvalidRequest("music_generation_config must be an object such as {\"bpm\": 120}.",
+        raise BadRequestError("music_generation_config must be an object such as {\"bpm\": 120}.",
                              param="music_generation_config")
     wire: dict[str, Any] = {}
     for name, value in cfg.items():
         snake = name if name in CONFIG_FIELDS else _WIRE_TO_SNAKE.get(name)
         if snake is None:
-            raise InvalidRequest(f"music_generation_config.{name} is not a setting; known settings are: "
+            raise BadRequestError(f"music_generation_config.{name} is not a setting; known settings are: "
                                  f"{', '.join(CONFIG_FIELDS)}.", param=f"music_generation_config.{name}")
         camel, kind, allowed = CONFIG_FIELDS[snake]
         if camel in wire:
-            raise InvalidRequest(f"music_generation_config sets {snake} twice (as {snake} and {camel}).",
+            raise BadRequestError(f"music_generation_config sets {snake} twice (as {snake} and {camel}).",
                                  param=f"music_generation_config.{name}")
         wire[camel] = _config_value(name, value, kind, allowed)
     return wire
@@ -218,7 +218,7 @@ def _open(stack: ExitStack, url: str, key: str, upstream: UpstreamConfig) -> Cli
         raise UpstreamError(f"The music upstream rejected the connection with HTTP {status}"
                             f"{': ' + body if body else ''}.") from None
     except TimeoutError:  # before OSError: TimeoutError is a subclass of it
-        raise UpstreamTimeout(f"The music upstream did not accept a connection within "
+        raise UpstreamTimeoutError(f"The music upstream did not accept a connection within "
                               f"{upstream.connect_timeout_seconds:g} s.") from None
     except InvalidURI:
         raise UpstreamError(f"The upstream '{upstream.name}' base_url is not a valid websocket URL.") from None
@@ -261,7 +261,7 @@ def _collect(ws: ClientConnection, want: int, deadline: float, idle: float,
             filtered = filtered if isinstance(filtered, dict) else {}
             reason = _field(filtered, "filteredReason", "filtered_reason") or "no reason given"
             text = str(filtered.get("text") or "")[:100]
-            raise ContentPolicy(f"The music prompt {text!r} was blocked by the upstream's safety filter: {reason}",
+            raise ContentPolicyError(f"The music prompt {text!r} was blocked by the upstream's safety filter: {reason}",
                                 param="prompt")
         elif "warning" in msg:
             log.warning("Lyria warning (generation continues): %s", _scrub(str(msg["warning"]), upstream))
@@ -309,4 +309,4 @@ def generate_music(upstream: UpstreamConfig, model: str, prompts: list[dict], co
                                 f"complete (close code {code}: {reason}).") from None
         except TimeoutError:
             what = "did not finish setup" if phase == "setup" else f"did not deliver {seconds:g} s of audio"
-            raise UpstreamTimeout(f"The music upstream {what} in time.") from None
+            raise UpstreamTimeoutError(f"The music upstream {what} in time.") from None

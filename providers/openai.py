@@ -10,7 +10,7 @@ from collections.abc import Iterator
 from typing import Any
 
 from config import UpstreamConfig
-from errors import GatewayError, UpstreamError, UpstreamTimeout
+from errors import GatewayError, UpstreamError, UpstreamTimeoutError
 from providers.http import (
     READ_SIZE,
     Reply,
@@ -170,8 +170,8 @@ def iter_events(upstream: UpstreamConfig, resp: Reply) -> Iterator[bytes]:
             raise
         except Exception as exc:  # urllib3's ProtocolError, ReadTimeoutError, socket errors
             err = transport_error(upstream, exc)
-            if isinstance(err, UpstreamTimeout):
-                raise UpstreamTimeout(f"The upstream '{upstream.name}' stopped sending.") from None
+            if isinstance(err, UpstreamTimeoutError):
+                raise UpstreamTimeoutError(f"The upstream '{upstream.name}' stopped sending.") from None
             raise UpstreamError(f"The upstream '{upstream.name}' broke off the stream.") from None
         if not chunk:
             raise UpstreamError(f"The upstream '{upstream.name}' ended the stream before it was complete.")

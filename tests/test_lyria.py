@@ -17,7 +17,7 @@ from websockets.exceptions import ConnectionClosed
 from websockets.sync.client import connect
 
 from config import UpstreamConfig
-from errors import ContentPolicy, InvalidRequest, UpstreamError, UpstreamTimeout
+from errors import BadRequestError, ContentPolicyError, UpstreamError, UpstreamTimeoutError
 from providers import lyria
 from tests.fake_lyria import FakeLyria
 
@@ -27,9 +27,9 @@ ENV = "LYRIA_TEST_KEY"
 PIANO = [{"text": "solo piano", "weight": 1.0}]
 
 
-def bad(call, *args) -> InvalidRequest:
-    """The InvalidRequest a call raises."""
-    with pytest.raises(InvalidRequest) as info:
+def bad(call, *args) -> BadRequestError:
+    """The BadRequestError a call raises."""
+    with pytest.raises(BadRequestError) as info:
         call(*args)
     return info.value
 
@@ -170,7 +170,7 @@ def test_no_config_frame_when_empty(fake, upstream):
 
 
 def test_filtered_prompt(upstream):
-    with pytest.raises(ContentPolicy) as info:
+    with pytest.raises(ContentPolicyError) as info:
         run(upstream, "something [filter]")
     assert info.value.param == "prompt" and "filtered for safety" in info.value.message
 
@@ -188,13 +188,13 @@ def test_close_1011(upstream):
 
 def test_stall_times_out(upstream):
     start = time.monotonic()
-    with pytest.raises(UpstreamTimeout):
+    with pytest.raises(UpstreamTimeoutError):
         run(upstream, "ambient [stall]")
     assert time.monotonic() - start < 2
 
 
 def test_no_setup_times_out(upstream):
-    with pytest.raises(UpstreamTimeout) as info:
+    with pytest.raises(UpstreamTimeoutError) as info:
         run(upstream, model="lyria-realtime-exp[nosetup]")
     assert "setup" in info.value.message
 
