@@ -150,7 +150,8 @@ def pool(upstream: UpstreamConfig) -> urllib3.PoolManager:
         _pid = os.getpid()
     p = _pools.get(upstream.name)
     if p is None:
-        # block=False: past maxsize, extra connections are opened rather than waited for (RUNTIME.md 2.4).
+        # block=False: past maxsize, extra connections are opened rather than waited for (docs/runtime.md,
+        # "urllib3 (upstream HTTP)").
         # PoolManager reads no proxy variables, so an operator's HTTP_PROXY cannot reroute upstream calls.
         p = urllib3.PoolManager(num_pools=4, maxsize=upstream.pool_size, block=False, retries=False)
         _pools[upstream.name] = p
