@@ -1,13 +1,15 @@
 """Gemini REST image generation: OpenAI images requests to Gemini image models (generateContent) and Imagen (:predict).
 
 Pure translation sits at the top and is tested without a server; the HTTP calls are at the bottom
-(PROTOCOLS.md 2.5, 2.7, 2.9).
+(docs/protocols.md, "Gemini image output (generateContent)", "Imagen predict",
+"Gemini errors").
 """
 from __future__ import annotations
 
 import json
 import math
 import re
+import time
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -15,6 +17,7 @@ import gevent
 
 from config import ModelConfig, UpstreamConfig
 from errors import BadRequestError, ContentPolicyError, GatewayError, RateLimitError, UpstreamError
+from providers.base import ImageResult
 from providers.http import post, require_key, retry_after_seconds, scrub, scrubbed, status_error
 
 ASPECT_RATIOS = {
@@ -137,7 +140,7 @@ def _header(headers: Mapping[str, str] | None, name: str) -> str | None:
 
 def error_from_response(upstream: UpstreamConfig, status: int, body_text: str,
                         headers: Mapping[str, str] | None) -> GatewayError:
-    """The gateway error for one of Google's error answers (PROTOCOLS.md 2.9)."""
+    """The gateway error for one of Google's error answers (docs/protocols.md, "Gemini errors")."""
     try:
         doc = json.loads(body_text)
     except ValueError:
@@ -224,3 +227,25 @@ def generate_images(upstream: UpstreamConfig, model: ModelConfig, prompt: str, n
         else:
             images.extend(result)
     return images, failures
+
+
+class GeminiProvider:
+    """Images from Gemini image models and Imagen, answered as OpenAI's ImagesResponse (base64 or a data: URL;
+    the gateway keeps no files)."""
+
+    def images(self, upstream: UpstreamConfig, model: ModelConfig, body: dict, prompt: str, n: int,
+               size: str | None, response_format: str | None) -> ImageResult:
+        images, failures = generate_images(upstream, model, prompt, n, size or "auto")
+        if not images:
+            raise failures[0] if failures else UpstreamError(f"The upstream '{upstream.name}' returned no image.")
+        data = []
+        for image in images[:n]:
+            item = ({"url": f"data:{image['mime_type']};base64,{image['b64_json']}"} if response_format == "url"
+                    else {"b64_json": image["b64_json"]})
+            if image.get("revised_prompt"):
+                item["revised_prompt"] = image["revised_prompt"]
+            data.append(item)
+        return ImageResult(doc={"created": int(time.time()), "data": data}, count=len(data), failures=failures)
+
+
+PROVIDER = GeminiProvider()
