@@ -18,7 +18,7 @@ CONNECTED_AFTER = 0.05  # seconds a stream waits for its first event before send
 
 
 class Relay:
-    """Relays an upstream SSE stream to the client with heartbeats, and settles whatever way it ends.
+    """Relays a provider's ChatStream to the client as SSE with heartbeats, and settles whatever way it ends.
 
     A reader greenlet fills a queue so the client side can send `: ping` while the upstream is silent; that
     write is how a vanished client is noticed. Usage reports are held back: the client's usage chunk is
