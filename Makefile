@@ -23,7 +23,7 @@ $(VENV)/.dev: requirements-dev.txt $(VENV)/.runtime
 
 serve: $(VENV)/.runtime
 	$(BIN)/flask --app app init-db
-	HOST=$(HOST) PORT=$(PORT) $(BIN)/gunicorn -c gunicorn.conf.py app:app
+	HOST=$(HOST) PORT=$(PORT) $(BIN)/gunicorn -c gunicorn.conf.py 'app:create_app()'
 
 key: $(VENV)/.runtime
 	$(BIN)/flask --app app keys create --name "$${NAME:-me}" --credits "$${CREDITS:-5}"

@@ -1,20 +1,30 @@
-"""Money: prices, holds, settlement, the ledger and its audit. Integer nano-credits only; no float touches money."""
+"""All money: units and prices, the hold planners, trusted usage, a request's ticket, hold, settle, ledger, audit.
+
+Integer nano-credits only; no float touches money. Routes ask a Ticket for a hold (tokens, images, seconds) and
+hand it what the upstream delivered; the cost of it is computed here and nowhere else.
+"""
 from __future__ import annotations
 
+import json
 import logging
 import os
 import socket
 import sqlite3
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
-from decimal import Decimal, InvalidOperation
-from typing import Any
+from decimal import ROUND_CEILING, Decimal, InvalidOperation
+from typing import TYPE_CHECKING, Any
 
 import db
-from config import NANO, ModelConfig
-from errors import InsufficientCredits
+from errors import GatewayError, InsufficientCreditsError
 
+if TYPE_CHECKING:  # config imports NANO from here; only the type names are needed back
+    from config import Config, ModelConfig
+    from keys import ApiKey
+
+NANO = 10**9  # nano-credits per credit
 MILLION = 1_000_000
 # The most credits a key may hold, be given or be topped up with: 10^18 nano-credits, far inside SQLite's signed
 # 64-bit integers, so a balance plus its open holds and a ledger sum can never overflow into a REAL.
@@ -26,6 +36,7 @@ MAX_NANO = MAX_CREDITS * NANO
 MAX_REPORTED_TOKENS = 100_000_000
 
 log = logging.getLogger("gateway.billing")
+request_log = logging.getLogger("gateway.request")  # one line per settled request
 
 
 def ceil_div(a: int, b: int) -> int:
@@ -149,7 +160,7 @@ class Charge:
 
 
 def hold(path: str, key_id: int, request_id: str, planner: Callable[[int], tuple[int, Any]]) -> Hold:
-    """Reserve credits before any upstream call: planner(balance) -> (amount, plan), or raises InsufficientCredits.
+    """Reserve credits before any upstream call: planner(balance) -> (amount, plan), or raises InsufficientCreditsError.
 
     The planner runs inside the write transaction, so the balance it sees is the balance it debits.
     """
@@ -159,8 +170,8 @@ def hold(path: str, key_id: int, request_id: str, planner: Callable[[int], tuple
         try:
             amount, plan = planner(balance)
             if amount > balance:
-                raise InsufficientCredits("This key does not have enough credits for this request.")
-        except InsufficientCredits as exc:
+                raise InsufficientCreditsError("This key does not have enough credits for this request.")
+        except InsufficientCreditsError as exc:
             raise _with_reserved(conn, key_id, exc) from None
         conn.execute("UPDATE api_keys SET balance = balance - ? WHERE id = ?", (amount, key_id))
         host, boot, started = owner()
@@ -172,14 +183,14 @@ def hold(path: str, key_id: int, request_id: str, planner: Callable[[int], tuple
     return db.write(path, work)
 
 
-def _with_reserved(conn: sqlite3.Connection, key_id: int, exc: InsufficientCredits) -> InsufficientCredits:
+def _with_reserved(conn: sqlite3.Connection, key_id: int, exc: InsufficientCreditsError) -> InsufficientCreditsError:
     """The 402 with what the key's requests in flight hold: those credits come back as they finish."""
     count, held = conn.execute("SELECT COUNT(*), COALESCE(SUM(amount), 0) FROM holds WHERE key_id = ?",
                                (key_id,)).fetchone()
     if not count:
         return exc
     what = "1 request" if count == 1 else f"{count} requests"
-    return InsufficientCredits(f"{exc.message} Another {format_credits(held)} credits are reserved by {what} in "
+    return InsufficientCreditsError(f"{exc.message} Another {format_credits(held)} credits are reserved by {what} in "
                                "flight; what they do not spend comes back when they finish, so retry then.")
 
 
@@ -231,16 +242,6 @@ def release(path: str, h: Hold) -> bool:
         conn.execute("UPDATE api_keys SET balance = balance + ? WHERE id = ?", (h.amount, h.key_id))
         return True
     return db.write(path, work)
-
-
-def fixed(amount: int, what: str, hint: str) -> Callable[[int], tuple[int, None]]:
-    """A hold planner for a known price: the amount, or 402 saying what the key has and what `what` needs."""
-    def plan(balance: int) -> tuple[int, None]:
-        if amount > balance:
-            raise InsufficientCredits(f"This key has {format_credits(balance)} credits; {what} need "
-                                      f"{format_credits(amount)}. Top up the key or {hint}.")
-        return amount, None
-    return plan
 
 
 def release_orphans(path: str) -> int:
@@ -344,3 +345,247 @@ def audit(conn: sqlite3.Connection) -> list[tuple[int, int, int, int]]:
         LEFT JOIN (SELECT key_id, SUM(amount) AS total FROM ledger GROUP BY key_id) l ON l.key_id = k.id
         ORDER BY k.id""").fetchall()
     return [tuple(r) for r in rows if r[1] + r[2] != r[3]]
+
+
+
+# --- Hold planners: what a request reserves before its upstream call -----------------------------------------
+
+# A request that names no output cap holds at most 1/HOLD_SHARE of the key's free balance (but never less than
+# its prompt and FLOOR_TOKENS of output), while the cap it sends upstream is what the whole free balance affords.
+# Without this, one uncapped request reserved a model's entire max_output_tokens and parallel requests on a small
+# key got 402 with most of the balance unspent. What a request costs beyond its hold is taken from the balance at
+# settlement, down to zero; the rest is recorded as uncollected (docs/billing.md).
+HOLD_SHARE = 8
+FLOOR_TOKENS = 256
+# A byte-level BPE token is at least one byte, so a prompt's tokens are at most about three times the
+# bytes/3 estimate. While that worst case stays within this share of the balance, the estimate is held.
+EXACT_SHARE = 8
+# Past this many estimated prompt tokens (about 200 KB of text) exact counting would hold the event loop for
+# tens of milliseconds; the hold then assumes the worst case (one token per byte) instead. Below it no single
+# text is long enough for tokens.count to fall back to its own estimate.
+EXACT_MAX_TOKENS = 66_000
+
+
+def token_planner(model: ModelConfig, prompt_tokens: int, mult: int, client_cap: int | None,
+                  extra: int = 0) -> Callable[[int], tuple[int, int]]:
+    """The hold for a token-priced request, as hold()'s planner: (nano-credits held, output cap to send).
+
+    A client's cap (at most the model's maximum) is held in full, or refused with 402. A request without one
+    sends the largest cap the free balance affords (the model's maximum when it can) and holds a share of the
+    balance for it. extra is nano-credits held on top (vision bridge calls); mult is n (or best_of).
+    """
+    prompt_scaled = mult * prompt_tokens * model.input_npm + extra * MILLION
+    out_unit = mult * model.output_npm
+    limit = model.max_output_tokens if client_cap is None else min(client_cap, model.max_output_tokens)
+
+    def cost(cap: int) -> int:
+        return ceil_div(prompt_scaled + cap * out_unit, MILLION)
+
+    def short(balance: int, cap: int, hint: str) -> InsufficientCreditsError:
+        return InsufficientCreditsError(f"This key has {format_credits(balance)} credits available; this "
+                                        f"request needs at least {format_credits(cost(cap))}. {hint}")
+
+    def plan(balance: int) -> tuple[int, int]:
+        if client_cap is not None or out_unit == 0:
+            if cost(limit) > balance:
+                raise short(balance, limit, "Top up the key or lower max_tokens.")
+            return cost(limit), limit
+        cap = min(limit, (balance * MILLION - prompt_scaled) // out_unit)
+        if cap < 1:
+            raise short(balance, 1, "Top up the key or send a shorter prompt.")
+        return min(cost(cap), max(cost(min(cap, FLOOR_TOKENS)), balance // HOLD_SHARE)), cap
+    return plan
+
+
+def prompt_tokens_to_hold(model: ModelConfig, balance: int, estimate: int, exact: Callable[[], int],
+                          mult: int) -> int:
+    """The prompt tokens to hold for: the quick estimate while a threefold miss would not matter to the key,
+    else an exact count (or, for a huge prompt, the one-token-per-byte worst case)."""
+    worst = token_cost(model, 3 * estimate * mult, 0)
+    if worst == 0 or worst * EXACT_SHARE <= balance:
+        return estimate
+    if estimate > EXACT_MAX_TOKENS:
+        return 3 * estimate
+    return max(exact(), 1)
+
+
+def images_cost(model: ModelConfig, count: int) -> int:
+    return count * model.image_nano
+
+
+def seconds_cost(model: ModelConfig, seconds: float) -> int:
+    """seconds x the per-second price in nano-credits, rounded up to a whole nano-credit; exact decimal math."""
+    exact = Decimal(str(seconds)) * model.second_nano
+    return int(exact.to_integral_value(rounding=ROUND_CEILING))
+
+
+def bridge_call_hold(bridge: ModelConfig, prompt_tokens: int, max_tokens: int) -> int:
+    """Nano-credits held per vision bridge call: its prompt estimate and its full output cap."""
+    return token_cost(bridge, prompt_tokens, max_tokens)
+
+
+def fixed(amount: int, what: str, hint: str) -> Callable[[int], tuple[int, None]]:
+    """A hold planner for a known price: the amount, or 402 saying what the key has and what `what` needs."""
+    def plan(balance: int) -> tuple[int, None]:
+        if amount > balance:
+            raise InsufficientCreditsError(f"This key has {format_credits(balance)} credits; {what} need "
+                                           f"{format_credits(amount)}. Top up the key or {hint}.")
+        return amount, None
+    return plan
+
+
+def balance_of(path: str, key_id: int) -> int:
+    rows = db.read(path, "SELECT balance FROM api_keys WHERE id = ?", (key_id,))
+    return rows[0][0] if rows else 0
+
+
+# --- The cost written into an answer ------------------------------------------------------------------------
+
+_COST = "\x00cost\x00"
+_COST_JSON = json.dumps(_COST)
+
+
+def dumps_with_cost(doc: Any, usage: dict | None, nano: int) -> str:
+    """JSON text of doc with usage.cost written as a plain decimal number (never a float)."""
+    if usage is None:
+        return json.dumps(doc, separators=(",", ":"))
+    usage["cost"] = _COST
+    return json.dumps(doc, separators=(",", ":")).replace(_COST_JSON, format_credits(nano), 1)
+
+
+def usage_doc(usage: Usage) -> dict:
+    """OpenAI's usage object for counts the gateway made itself (no report, or one that was not believable)."""
+    return {"prompt_tokens": usage.prompt, "completion_tokens": usage.completion,
+            "total_tokens": usage.prompt + usage.completion}
+
+
+# --- The request's ticket -------------------------------------------------------------------------------------
+
+SETTLE_ATTEMPTS = 3
+SETTLE_RETRY_SECONDS = 0.05
+
+
+@dataclass
+class Ticket:
+    """What a request holds and owes; settle() runs once, from the view or the stream's finally."""
+
+    cfg: Config
+    key: ApiKey
+    request_id: str
+    route: str
+    model: str
+    started: float = field(default_factory=time.monotonic)
+    hold: Hold | None = None
+    charges: list[Charge] = field(default_factory=list)
+    balance: int | None = None
+    settled: bool = False
+    charged: int = 0
+
+    def take_hold(self, planner: Callable[[int], tuple[int, Any]]) -> Hold:
+        self.hold = hold(self.cfg.server.database, self.key.id, self.request_id, planner)
+        return self.hold
+
+    def hold_tokens(self, model: ModelConfig, estimate: int, exact: Callable[[], int], mult: int,
+                    client_cap: int | None, extra: int = 0) -> int:
+        """Hold for a token-priced request; returns the output cap to send upstream."""
+        balance = None if token_cost(model, 3 * estimate * mult, 0) == 0 else \
+            balance_of(self.cfg.server.database, self.key.id)
+        prompt = estimate if balance is None else prompt_tokens_to_hold(model, balance, estimate, exact, mult)
+        return self.take_hold(token_planner(model, prompt, mult, client_cap, extra)).plan
+
+    def hold_images(self, model: ModelConfig, n: int) -> None:
+        self.take_hold(fixed(images_cost(model, n), f"{n} image(s) from {model.id}", "ask for fewer images (n)"))
+
+    def hold_seconds(self, model: ModelConfig, seconds: float, shown: int | float) -> None:
+        self.take_hold(fixed(seconds_cost(model, seconds), f"{shown} s of music from {model.id}",
+                             "ask for a shorter duration_seconds"))
+
+    def add(self, cost: int, status: int, *, model: str | None = None, prompt_tokens: int = 0,
+            completion_tokens: int = 0, units: float = 0, estimated: bool = False,
+            request_id: str | None = None, parent: str | None = None) -> Charge:
+        """Record one usage row to be written at settlement."""
+        charge = Charge(
+            route=self.route, model=model or self.model, cost=cost, status=status,
+            request_id=request_id or self.request_id, parent_request_id=parent,
+            prompt_tokens=prompt_tokens, completion_tokens=completion_tokens, units=units,
+            estimated=estimated, latency_ms=int((time.monotonic() - self.started) * 1000))
+        self.charges.append(charge)
+        return charge
+
+    def add_usage(self, model: ModelConfig, usage: Usage, status: int, *, estimated: bool = False,
+                  request_id: str | None = None, parent: str | None = None) -> Charge:
+        """A token-priced row: the usage's cost at the model's prices."""
+        return self.add(usage_cost(model, usage), status, model=model.id,
+                        prompt_tokens=usage.prompt, completion_tokens=usage.completion, estimated=estimated,
+                        request_id=request_id, parent=parent)
+
+    def add_images(self, model: ModelConfig, count: int) -> Charge:
+        return self.add(images_cost(model, count), 200, units=count)
+
+    def add_seconds(self, model: ModelConfig, seconds: float) -> Charge:
+        return self.add(seconds_cost(model, seconds), 200, units=seconds)
+
+    def settle(self, status: int) -> int:
+        """Write the charges (a failed request with none records one free row) and return the cost charged.
+
+        Marked settled only once the books say so. A settlement that keeps failing is retried, then the whole
+        hold is returned with nothing charged; only if even that fails does the hold stay open, and then the
+        log says so (the next worker start returns it, and `flask audit` lists it).
+        """
+        if self.settled or self.hold is None:
+            return self.charged
+        if not any(c.request_id == self.request_id for c in self.charges):
+            self.add(0, status)
+        database = self.cfg.server.database
+        for attempt in range(SETTLE_ATTEMPTS):
+            try:
+                self.balance = settle(database, self.hold, self.charges)
+                break
+            except Exception as exc:  # sqlite3.Error, a full disk, ...: the transaction was rolled back
+                request_log.error("request_id=%s settlement attempt %d failed: %s", self.request_id, attempt + 1,
+                                  exc)
+                if attempt + 1 < SETTLE_ATTEMPTS:
+                    import gevent  # only here: config imports this module in gunicorn's master, before patching
+                    gevent.sleep(SETTLE_RETRY_SECONDS * (attempt + 1))
+        else:
+            self.settled = True
+            self.charged = 0
+            try:
+                returned = release(database, self.hold)
+            except Exception as exc:
+                request_log.error("request_id=%s hold %s stays open (%s): it is returned when this worker is "
+                                  "gone, and `flask audit` lists it", self.request_id, self.hold.id, exc)
+                return 0
+            request_log.error("request_id=%s could not be settled; its hold %s was %s and nothing was charged",
+                              self.request_id, self.hold.id, "returned" if returned else "already gone")
+            return 0
+        self.settled = True
+        if self.balance is None:  # the hold was already gone: nothing was written, so nothing was charged
+            request_log.error("request_id=%s found its hold %s already returned; nothing was charged",
+                              self.request_id, self.hold.id)
+            return 0
+        main = self.charges[-1]
+        self.charged = sum(c.cost - c.uncollected for c in self.charges)
+        request_log.info("request_id=%s key=%s route=%s model=%s status=%s prompt_tokens=%s completion_tokens=%s "
+                         "units=%s cost=%s uncollected=%s latency_ms=%s", self.request_id, self.key.prefix,
+                         self.route, self.model, status, main.prompt_tokens, main.completion_tokens, main.units,
+                         format_credits(self.charged), format_credits(main.uncollected), main.latency_ms)
+        return self.charged
+
+    @contextmanager
+    def settled_on_error(self) -> Iterator[None]:
+        """Settle at the failing status (charging only what was added before) when the block raises."""
+        try:
+            yield
+        except GatewayError as exc:
+            self.settle(exc.status)
+            raise
+        except BaseException:
+            self.settle(500)
+            raise
+
+    def credit_headers(self, charged: int) -> dict[str, str]:
+        headers = {"x-credits-charged": format_credits(max(charged, 0))}
+        if self.balance is not None:
+            headers["x-credits-remaining"] = format_credits(self.balance)
+        return headers

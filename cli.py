@@ -47,7 +47,9 @@ def _writes(command: Callable[..., Any]) -> Callable[..., Any]:
         try:
             return command(*args, **kwargs)
         except db.DatabaseSetupError as exc:
-            raise click.ClickException(str(exc)) from None
+            # A config problem, said as config problems are at start-up (the database is opened on first use).
+            click.echo(f"gateway: {exc}", err=True)
+            raise SystemExit(2) from None
         except sqlite3.OperationalError as exc:
             if "locked" in str(exc) or "busy" in str(exc):
                 raise click.ClickException(

@@ -10,13 +10,15 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-from errors import InvalidRequest, ModelNotFound
+from billing import NANO
+from errors import BadRequestError, ConfigError, ModelNotFoundError
+from providers import KINDS
 
-NANO = 10**9
-MODE_KINDS = {"chat": ("openai",), "image": ("openai", "gemini"), "music": ("lyria",)}  # what can serve what
-MODEL_MODES = tuple(MODE_KINDS)
-UPSTREAM_KINDS = tuple(dict.fromkeys(kind for kinds in MODE_KINDS.values() for kind in kinds))
-URL_SCHEMES = {"openai": ("http", "https"), "gemini": ("http", "https"), "lyria": ("ws", "wss")}
+# What can serve what, as each provider declares it (providers/__init__.py imports no provider here).
+MODEL_MODES = ("chat", "image", "music")
+MODE_KINDS = {mode: tuple(k for k, kind in KINDS.items() if mode in kind.modes) for mode in MODEL_MODES}
+UPSTREAM_KINDS = tuple(KINDS)
+URL_SCHEMES = {k: kind.schemes for k, kind in KINDS.items()}
 # The schemes the `limits` package stores counters under (its storage registry, listed here so that checking a
 # config never imports storage drivers into gunicorn's master before the workers patch for gevent).
 STORAGE_SCHEMES = ("memory", "redis", "rediss", "redis+unix", "redis+cluster", "redis+sentinel", "valkey",
@@ -36,10 +38,6 @@ BOUNDS: dict[str, tuple[float, float]] = {
 }
 GENERIC_INT_MAX = 2**53
 GENERIC_FLOAT_MAX = 10**6
-
-
-class ConfigError(Exception):
-    """A config problem, phrased as one sentence naming the key and the fix."""
 
 
 @dataclass(frozen=True)
@@ -166,12 +164,13 @@ class Config:
         if name is None and default:
             name = default
         if not isinstance(name, str) or not name:
-            raise InvalidRequest("'model' must be a non-empty string.", param="model", code="invalid_type")
+            raise BadRequestError("'model' must be a non-empty string.", param="model", code="invalid_type")
         model = self.models.get(name)
         if model is None:
-            raise ModelNotFound(f"The model `{name}` does not exist or you do not have access to it.", param="model")
+            raise ModelNotFoundError(f"The model `{name}` does not exist or you do not have access to it.",
+                                     param="model")
         if model.mode != mode:
-            raise InvalidRequest(f"The model `{name}` is a {model.mode} model and cannot serve a {mode} request.",
+            raise BadRequestError(f"The model `{name}` is a {model.mode} model and cannot serve a {mode} request.",
                                  param="model", code="model_not_supported")
         return model, self.upstreams[model.upstream]
 

@@ -16,7 +16,7 @@ from gevent.event import AsyncResult
 from gevent.lock import Semaphore
 from gevent.threadpool import ThreadPool
 
-from config import ConfigError
+from errors import ConfigError
 
 T = TypeVar("T")
 SCHEMA = Path(__file__).with_name("schema.sql")
@@ -41,8 +41,9 @@ def connect(path: str, busy_seconds: float = 0) -> sqlite3.Connection:
     """A new connection in autocommit mode: every write transaction is an explicit BEGIN IMMEDIATE.
 
     Workers keep busy_seconds 0: a lock wait inside SQLite's C code would freeze every greenlet of the worker
-    (2 s measured), so write() below waits cooperatively instead. Tools that may block pass a wait; it applies
-    from the first statement, which can already need a lock (a WAL file being recovered by another process).
+    for the whole wait (docs/runtime.md, SQLite), so write() below waits cooperatively instead. Tools that may
+    block pass a wait; it applies from the first statement, which can already need a lock (a WAL file being
+    recovered by another process).
     """
     conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=busy_seconds)
     conn.row_factory = sqlite3.Row
@@ -73,7 +74,7 @@ def _checkpoints(path: str) -> None:
     grows (358 MB after 10 s at 830 requests/s). Past WAL_TRUNCATE_BYTES the thread waits for writers, copies
     everything and truncates the file; writers meanwhile wait cooperatively in write().
     """
-    pool = ThreadPool(1)  # not the hub's pool, which resolves DNS (RUNTIME.md 2.4)
+    pool = ThreadPool(1)  # not the hub's pool, which resolves DNS (docs/runtime.md, "gevent", DNS)
     holder: list[sqlite3.Connection] = []
     wal = path + "-wal"
 

@@ -27,7 +27,7 @@ import urllib3
 from urllib3.exceptions import HTTPError, NewConnectionError
 from urllib3.exceptions import TimeoutError as Urllib3Timeout
 
-from errors import GatewayError, InvalidRequest
+from errors import BadRequestError, GatewayError
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 Resolver = Callable[[str, int], list[str]]
@@ -42,7 +42,7 @@ _NAT64 = ipaddress.ip_network("64:ff9b::/96")
 _IPV4_COMPATIBLE = ipaddress.ip_network("::/96")
 
 
-class ImageRefused(InvalidRequest):
+class ImageRefusedError(BadRequestError):
     """An image_url the gateway will not use; the message says why, the caller sets param."""
 
     code = "invalid_image_url"
@@ -66,17 +66,18 @@ def parse_data_url(url: str, *, max_bytes: int = 20_000_000) -> tuple[bytes, str
     match = _DATA_URL.fullmatch(url.strip())
     if not match:
         head = url[:40].split(",", 1)[0]
-        raise ImageRefused(f"The data URL '{head}' is not supported: send data:image/<png|jpeg|gif|webp>;base64,...")
+        raise ImageRefusedError(f"The data URL '{head}' is not supported: "
+                                "send data:image/<png|jpeg|gif|webp>;base64,...")
     payload = re.sub(r"\s+", "", match.group(2))  # line-wrapped base64 is common and harmless
     if len(payload) // 4 * 3 > max_bytes:
-        raise ImageRefused(f"The data URL image is larger than {max_bytes} bytes.")
+        raise ImageRefusedError(f"The data URL image is larger than {max_bytes} bytes.")
     try:
         data = base64.b64decode(payload, validate=True)  # validate: stray characters are an error, not skipped
     except (binascii.Error, ValueError):
-        raise ImageRefused("The data URL is not valid base64.") from None
+        raise ImageRefusedError("The data URL is not valid base64.") from None
     mime = sniff_image(data)
     if mime is None:
-        raise ImageRefused("The data URL does not hold an image (PNG, JPEG, GIF or WebP bytes expected).")
+        raise ImageRefusedError("The data URL does not hold an image (PNG, JPEG, GIF or WebP bytes expected).")
     return data, mime
 
 
@@ -167,7 +168,7 @@ def default_resolver(host: str, port: int) -> list[str]:
 
 def fetch_image(url: str, *, allow_loopback: bool = False, max_bytes: int = 20_000_000, timeout: float = 15.0,
                 max_redirects: int = 3, resolver: Resolver | None = None) -> tuple[bytes, str]:
-    """(bytes, MIME) of the image at an http(s) URL, or ImageRefused saying why not."""
+    """(bytes, MIME) of the image at an http(s) URL, or ImageRefusedError saying why not."""
     deadline = time.monotonic() + timeout
     with _gevent_deadline(timeout):
         for _hop in range(max_redirects + 1):
@@ -177,7 +178,7 @@ def fetch_image(url: str, *, allow_loopback: bool = False, max_bytes: int = 20_0
             if isinstance(location, tuple):
                 return location
             url = location
-    raise ImageRefused(f"The image URL was refused: too many redirects (more than {max_redirects}).")
+    raise ImageRefusedError(f"The image URL was refused: too many redirects (more than {max_redirects}).")
 
 
 def check_url(url: str, *, allow_loopback: bool = False, timeout: float = 15.0,
@@ -204,22 +205,23 @@ def _check_url(url: str) -> tuple[SplitResult, str, int]:
         parts = urlsplit(url.strip())
         port = parts.port
     except ValueError:
-        raise ImageRefused("The image URL is malformed (bad host or port).") from None
+        raise ImageRefusedError("The image URL is malformed (bad host or port).") from None
     scheme = parts.scheme.lower()
     if scheme not in ("http", "https"):
-        raise ImageRefused(f"The image URL was refused: scheme '{scheme[:20]}' is not allowed (only http and https).")
+        raise ImageRefusedError(f"The image URL was refused: scheme '{scheme[:20]}' is not allowed "
+                                "(only http and https).")
     if "@" in parts.netloc:
-        raise ImageRefused("The image URL was refused: URLs with credentials (user@host) are not allowed.")
+        raise ImageRefusedError("The image URL was refused: URLs with credentials (user@host) are not allowed.")
     host = parts.hostname or ""
     if not host:
-        raise ImageRefused("The image URL was refused: it names no host.")
+        raise ImageRefusedError("The image URL was refused: it names no host.")
     if not _is_ip_literal(host):
         try:
             host = host.encode("idna").decode("ascii").lower()
         except UnicodeError:
             host = ""
         if not _HOSTNAME.fullmatch(host):
-            raise ImageRefused("The image URL was refused: the host name is not valid.")
+            raise ImageRefusedError("The image URL was refused: the host name is not valid.")
     return parts, host, port or (443 if scheme == "https" else 80)
 
 
@@ -247,12 +249,12 @@ def _resolve_checked(parts: SplitResult, host: str, port: int, allow_loopback: b
         except (OSError, UnicodeError, ValueError):
             candidates = []
         if not candidates:
-            raise ImageRefused(f"The image URL {_shown(parts)} was refused: its host does not resolve.") from None
+            raise ImageRefusedError(f"The image URL {_shown(parts)} was refused: its host does not resolve.") from None
     for ip in candidates:
         reason = is_forbidden_ip(ip, allow_loopback)
         if reason:
             article = "an" if reason[0] in "aeiouAEIOU" and not reason.startswith("uni") else "a"
-            raise ImageRefused(f"The image URL {_shown(parts)} was refused: {verb} {article} {reason} ({ip}).")
+            raise ImageRefusedError(f"The image URL {_shown(parts)} was refused: {verb} {article} {reason} ({ip}).")
     ip = candidates[0]
     # Connect to the v4 address itself for mapped addresses, so it works where IPv6 sockets are v6-only.
     return str(ip.ipv4_mapped or ip) if isinstance(ip, ipaddress.IPv6Address) else str(ip)
@@ -291,11 +293,11 @@ def _request(parts: SplitResult, host: str, port: int, ip: str, deadline: float,
             resp.close()  # never reuse: the next hop gets its own checked connection
     except NewConnectionError as exc:  # listed first: urllib3 makes it a subclass of ConnectTimeoutError
         why = exc.__cause__ or "connection failed"
-        raise ImageRefused(f"The image URL {shown} could not be fetched ({why}).") from None
+        raise ImageRefusedError(f"The image URL {shown} could not be fetched ({why}).") from None
     except (TimeoutError, Urllib3Timeout):
-        raise ImageRefused(f"The image URL {shown} did not answer within {timeout:g} s.") from None
+        raise ImageRefusedError(f"The image URL {shown} did not answer within {timeout:g} s.") from None
     except (HTTPError, OSError) as exc:
-        raise ImageRefused(f"The image URL {shown} could not be fetched ({type(exc).__name__}).") from None
+        raise ImageRefusedError(f"The image URL {shown} could not be fetched ({type(exc).__name__}).") from None
     finally:
         pool.close()
 
@@ -304,15 +306,16 @@ def _read_image(resp: urllib3.BaseHTTPResponse, shown: str, deadline: float, tim
                 max_bytes: int) -> tuple[bytes, str]:
     """The body, read in chunks and abandoned as soon as it passes max_bytes or the deadline, if it is an image."""
     if not 200 <= resp.status < 300:
-        raise ImageRefused(f"The image URL {shown} was refused: it answered HTTP {resp.status}.")
+        raise ImageRefusedError(f"The image URL {shown} was refused: it answered HTTP {resp.status}.")
     ctype = resp.headers.get("Content-Type", "").split(";")[0].strip().lower()
     if ctype and not ctype.startswith("image/"):
-        raise ImageRefused(f"The image URL {shown} was refused: not an image (Content-Type {ctype[:60]}).")
+        raise ImageRefusedError(f"The image URL {shown} was refused: not an image (Content-Type {ctype[:60]}).")
     if resp.headers.get("Content-Encoding", "identity").strip().lower() != "identity":
-        raise ImageRefused(f"The image URL {shown} was refused: compressed bodies (Content-Encoding) are not accepted.")
+        raise ImageRefusedError(f"The image URL {shown} was refused: compressed bodies (Content-Encoding) "
+                                "are not accepted.")
     length = resp.headers.get("Content-Length", "")
     if length.isdigit() and int(length) > max_bytes:
-        raise ImageRefused(f"The image URL {shown} was refused: larger than {max_bytes} bytes ({length}).")
+        raise ImageRefusedError(f"The image URL {shown} was refused: larger than {max_bytes} bytes ({length}).")
     chunks: list[bytes] = []
     total = 0
     while True:
@@ -322,12 +325,13 @@ def _read_image(resp: urllib3.BaseHTTPResponse, shown: str, deadline: float, tim
             break
         total += len(chunk)
         if total > max_bytes:
-            raise ImageRefused(f"The image URL {shown} was refused: larger than {max_bytes} bytes.")
+            raise ImageRefusedError(f"The image URL {shown} was refused: larger than {max_bytes} bytes.")
         chunks.append(chunk)
     data = b"".join(chunks)
     mime = sniff_image(data)
     if mime is None:
-        raise ImageRefused(f"The image URL {shown} was refused: not an image (PNG, JPEG, GIF or WebP bytes expected).")
+        raise ImageRefusedError(f"The image URL {shown} was refused: not an image "
+                                "(PNG, JPEG, GIF or WebP bytes expected).")
     return data, mime
 
 
@@ -335,7 +339,7 @@ def _remaining(deadline: float, timeout: float, shown: str) -> float:
     """Seconds left before the deadline shared by every hop; refuses once none are left."""
     left = deadline - time.monotonic()
     if left <= 0:
-        raise ImageRefused(f"The image URL {shown} did not answer within {timeout:g} s.")
+        raise ImageRefusedError(f"The image URL {shown} did not answer within {timeout:g} s.")
     return left
 
 
@@ -362,12 +366,12 @@ def _gevent_deadline(seconds: float) -> Iterator[None]:
     except gevent.Timeout as exc:
         if exc is not timer:
             raise
-        raise ImageRefused(f"The image URL did not answer within {seconds:g} s.") from None
+        raise ImageRefusedError(f"The image URL did not answer within {seconds:g} s.") from None
     finally:
         timer.close()
 
 
-class FetchBusy(GatewayError):
+class FetchBusyError(GatewayError):
     """The worker's image-fetch byte budget stayed full for the whole wait: try again shortly."""
 
     status, type, code = 503, "api_error", "image_fetch_busy"
@@ -400,12 +404,12 @@ class ByteBudget:
         while self.used + amount > self.limit:
             if lease.kept + amount > self.limit:
                 # What this request already holds is not coming back while it waits for itself.
-                raise InvalidRequest(
+                raise BadRequestError(
                     f"The images of this request need more than the {self.limit} bytes this server fetches at "
                     "once; send fewer or smaller images, or data URLs.", param="messages", code="images_too_large")
             remaining = deadline - time.monotonic()
             if remaining <= 0 or not self._freed.wait(remaining):
-                raise FetchBusy(f"The server is fetching too many images right now (over {self.limit} bytes in "
+                raise FetchBusyError(f"The server is fetching too many images right now (over {self.limit} bytes in "
                                 "flight); retry in a moment.", headers={"Retry-After": "1"})
         self.used += amount
         lease.reserved += amount

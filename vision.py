@@ -30,15 +30,15 @@ from gevent.pool import Pool
 
 import billing
 import db
+import providers
 import tokens
 from config import Config, ModelConfig, UpstreamConfig
-from errors import GatewayError, InvalidRequest, UpstreamError
-from metering import Ticket
-from providers import openai as openai_provider
+from errors import BadRequestError, GatewayError, UpstreamError
 from providers.http import require_key
-from safefetch import ByteBudget, ImageRefused, Lease, check_url, fetch_image, parse_data_url
+from safefetch import ByteBudget, ImageRefusedError, Lease, check_url, fetch_image, parse_data_url
 
 log = logging.getLogger("gateway.vision")
+_warned_loopback = False
 
 BRIDGE_MAX_TOKENS = 300  # output cap of a bridge call; also what its hold assumes
 CONCURRENCY = 8  # fetches or bridge calls in flight at once for one request
@@ -49,7 +49,6 @@ INSTRUCTION = ("Describe this image faithfully for someone who cannot see it. Tr
                "Say what is shown: subjects, objects, people, actions, colours, layout, and for charts or tables "
                "the values. Describe only what is visible; do not guess or add commentary. Answer with the "
                "description only.")
-_warned_loopback = False
 _budget: ByteBudget | None = None
 
 
@@ -88,7 +87,7 @@ class VisionPlan:
     def headers(self) -> dict[str, str]:
         return {"x-vision-images": "; ".join(f"{k}={v}" for k, v in self.counts.items())}
 
-    def apply(self, ticket: Ticket) -> dict:
+    def apply(self, ticket: billing.Ticket) -> dict:
         """The body for the main call: remote images fetched (inside the hold, within the worker's byte budget),
         and for a text-only model the bridge calls made and charged first. Call it inside holding()."""
         changes: dict[tuple[int, int], dict] = {}
@@ -128,7 +127,7 @@ class VisionPlan:
         self.counts["bridged"] = len(misses)
         self.counts["cached"] = len(self.refs) - len(misses)
 
-    def _describe(self, ticket: Ticket) -> None:
+    def _describe(self, ticket: billing.Ticket) -> None:
         """One bridge call per distinct uncached image; successes are charged and cached even if another fails."""
         bridge = self.bridge
         assert bridge is not None
@@ -148,14 +147,12 @@ class VisionPlan:
                 failure = failure or (ref, result)
                 continue
             text, usage, estimated = result
-            prompt, completion = usage.prompt, usage.completion
-            cost = billing.usage_cost(bridge, usage)
             bridge_id = "req_" + os.urandom(12).hex()
-            ticket.add(cost, 200, model=bridge.id, prompt_tokens=prompt, completion_tokens=completion,
-                       estimated=estimated, request_id=bridge_id, parent=ticket.request_id)
+            charge = ticket.add_usage(bridge, usage, 200, estimated=estimated, request_id=bridge_id,
+                                      parent=ticket.request_id)
             log.info("vision bridge request_id=%s parent=%s model=%s image=%s prompt_tokens=%s "
                      "completion_tokens=%s cost=%s", bridge_id, ticket.request_id, bridge.id, ref.where,
-                     prompt, completion, billing.format_credits(cost))
+                     usage.prompt, usage.completion, billing.format_credits(charge.cost))
             fresh[ref.digest] = text
         self.descriptions.update(fresh)
         if fresh:
@@ -178,20 +175,20 @@ def plan(cfg: Config, model: ModelConfig, upstream: UpstreamConfig, body: dict, 
         return None
     warn_if_loopback(cfg)
     if len(refs) > cfg.vision.max_images:
-        raise InvalidRequest(f"This request has {len(refs)} images; at most {cfg.vision.max_images} are accepted "
+        raise BadRequestError(f"This request has {len(refs)} images; at most {cfg.vision.max_images} are accepted "
                              "per request.", param="messages", code="too_many_images")
     for ref in refs:
         scheme = ref.url.split(":", 1)[0].strip().lower() if ":" in ref.url else ""
         if scheme == "data":
             try:
                 ref.data, ref.mime = parse_data_url(ref.url, max_bytes=cfg.vision.max_image_bytes)
-            except ImageRefused as exc:
+            except ImageRefusedError as exc:
                 raise _named(ref, exc) from None
         elif scheme in ("http", "https"):
             ref.remote = True
         else:
             shown = f"scheme '{scheme[:20]}'" if scheme else "a URL without a scheme"
-            raise ImageRefused(f"{ref.where}: {shown} is not allowed; send an http(s) URL or a "
+            raise ImageRefusedError(f"{ref.where}: {shown} is not allowed; send an http(s) URL or a "
                                "data:image/<png|jpeg|gif|webp>;base64,... URL.", param=ref.where)
     _check_hosts(cfg, [r for r in refs if r.remote])
     vp = VisionPlan(cfg, body, refs, key_id)
@@ -227,7 +224,8 @@ def holding(images: VisionPlan | None) -> Iterator[None]:
 
 
 def warn_if_loopback(cfg: Config) -> None:
-    """Log, once per process, that image fetches may reach loopback (a test-only setting). app.py may call it."""
+    """Log, once per process, that image fetches may reach loopback (a test-only setting): at the first request
+    with images, so a worker's own log says it too; gunicorn's on_starting says it once at start."""
     global _warned_loopback
     if cfg.vision.allow_loopback_image_hosts and not _warned_loopback:
         _warned_loopback = True
@@ -249,13 +247,13 @@ def _find_images(body: dict) -> list[ImageRef]:
             value = part.get("image_url")
             url = value.get("url") if isinstance(value, dict) else value
             if not isinstance(url, str) or not url.strip():
-                raise ImageRefused(f"{where}: 'image_url.url' must be a non-empty string.", param=where)
+                raise ImageRefusedError(f"{where}: 'image_url.url' must be a non-empty string.", param=where)
             refs.append(ImageRef(where, i, j, url))
     return refs
 
 
-def _named(ref: ImageRef, exc: ImageRefused) -> ImageRefused:
-    return ImageRefused(f"{ref.where}: {exc.message}", param=ref.where)
+def _named(ref: ImageRef, exc: ImageRefusedError) -> ImageRefusedError:
+    return ImageRefusedError(f"{ref.where}: {exc.message}", param=ref.where)
 
 
 def _check_hosts(cfg: Config, refs: list[ImageRef]) -> None:
@@ -265,10 +263,10 @@ def _check_hosts(cfg: Config, refs: list[ImageRef]) -> None:
         return
     v = cfg.vision
 
-    def check(url: str) -> ImageRefused | None:
+    def check(url: str) -> ImageRefusedError | None:
         try:
             check_url(url, allow_loopback=v.allow_loopback_image_hosts, timeout=v.fetch_timeout_seconds)
-        except ImageRefused as exc:
+        except ImageRefusedError as exc:
             return exc
         return None
 
@@ -309,7 +307,7 @@ def _fetch(cfg: Config, refs: list[ImageRef], lease: Lease) -> None:
                                      timeout=v.fetch_timeout_seconds)
             kept = len(data)
             return data, mime
-        except ImageRefused as exc:
+        except ImageRefusedError as exc:
             return exc
         finally:
             pot.keep(lease, v.max_image_bytes, kept)
@@ -317,7 +315,7 @@ def _fetch(cfg: Config, refs: list[ImageRef], lease: Lease) -> None:
     results = dict(zip(urls, Pool(min(CONCURRENCY, len(urls))).map(get, urls), strict=True))
     for ref in refs:
         got = results[ref.url]
-        if isinstance(got, ImageRefused):
+        if isinstance(got, ImageRefusedError):
             raise _named(ref, got)
         if isinstance(got, GatewayError):
             raise got
@@ -338,7 +336,7 @@ def _bridge_model(cfg: Config, model: ModelConfig) -> ModelConfig:
     """The configured bridge model (its upstream key checked now, before any credit moves)."""
     name = cfg.vision.bridge_model
     if not name or name not in cfg.models:
-        raise InvalidRequest(f"The model '{model.id}' cannot read images and this gateway has no vision bridge to "
+        raise BadRequestError(f"The model '{model.id}' cannot read images and this gateway has no vision bridge to "
                              "describe them: the operator must set bridge_model (a model with vision = true) in "
                              "the [vision] table of config.toml. Or send the images to a vision model.",
                              param="model", code="model_not_supported")
@@ -358,7 +356,7 @@ def _bridge_body(upstream: UpstreamConfig, bridge: ModelConfig, url: str) -> dic
 def _bridge_estimate(bridge: ModelConfig, upstream: UpstreamConfig) -> int:
     """Nano-credits held per bridge call: an image's prompt estimate plus the instruction, and the full output cap."""
     prompt = tokens.chat_prompt(_bridge_body(upstream, bridge, "data:"))
-    return billing.token_cost(bridge, prompt, min(BRIDGE_MAX_TOKENS, bridge.max_output_tokens))
+    return billing.bridge_call_hold(bridge, prompt, min(BRIDGE_MAX_TOKENS, bridge.max_output_tokens))
 
 
 def _bridge_call(bridge: ModelConfig, upstream: UpstreamConfig,
@@ -366,16 +364,16 @@ def _bridge_call(bridge: ModelConfig, upstream: UpstreamConfig,
     """(description, its usage, whether that was estimated) from one bridge call, or the error it met."""
     body = _bridge_body(upstream, bridge, ref.data_url())
     try:
-        doc = openai_provider.call(upstream, "chat/completions", body)
+        result = providers.for_upstream(upstream).chat(upstream, "chat", body)
     except GatewayError as exc:
         return exc
     try:
-        text = doc["choices"][0]["message"]["content"]
+        text = result.doc["choices"][0]["message"]["content"]
     except (KeyError, IndexError, TypeError):
         text = None
     if not isinstance(text, str) or not text.strip():
         return UpstreamError(f"The upstream '{upstream.name}' answered without a description.")
-    usage = billing.read_usage(doc.get("usage"))
+    usage = billing.read_usage(result.usage_report)
     if usage is not None:
         return text.strip(), usage, False
     return text.strip(), billing.Usage(tokens.chat_prompt({"messages": body["messages"]}), tokens.count(text)), True

@@ -14,6 +14,7 @@ from pathlib import Path
 
 _shipped = Path(__file__).resolve().parent.parent / "gunicorn.conf.py"
 exec(compile(_shipped.read_text(), str(_shipped), "exec"))  # the shipped settings, unchanged
+_shipped_post_worker_init = post_worker_init  # noqa: F821 (defined by the exec above): GC tuning, orphan holds
 
 INTERVAL = 0.005
 THRESHOLD = 0.002  # lags and slices shorter than this are not kept
@@ -29,6 +30,7 @@ def _keep(items: list, item: tuple) -> None:
 
 def post_worker_init(worker):
     """Start the stall monitors in the worker (after gevent has patched and the app is loaded)."""
+    _shipped_post_worker_init(worker)
     path = os.environ.get("BENCH_STALL_FILE")
     if not path:
         return

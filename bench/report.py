@@ -107,7 +107,8 @@ def targets(r: dict) -> list[dict]:
         add(f"/health while {n:,} streams are open (max)", "< 50 ms",
             f"p50 {_f(h['held']['health_p50_ms'])} ms, max {_f(hm)} ms", hm is not None and hm < 50)
         w = h["stall_whole"]
-        add(f"Longest event-loop stall during the {n:,}-stream run", "short (RUNTIME.md 3 saw 2 s)",
+        add(f"Longest event-loop stall during the {n:,}-stream run",
+            "short (a blocking lock wait stalls the loop for its whole length: docs/runtime.md, SQLite)",
             f"loop lag {w['stall_max_ms']:.1f} ms (while held {h['stall_held']['stall_max_ms']:.1f} ms); longest "
             f"single greenlet run {w['longest_run_ms']:.1f} ms ({_f(w['longest_run_cpu_ms'], 1)} ms CPU); longest GC "
             f"{w['gc_max_ms']:.1f} ms (gen {w['gc_max_generation']}); /health max {_f(h['whole']['health_max_ms'])} ms",

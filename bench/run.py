@@ -87,7 +87,7 @@ class Gateway:
         if stall_monitor:
             env["BENCH_STALL_FILE"] = str(self.stall_file)
             conf = str(harness.BENCH / "gunicorn_stall.py")
-        self.proc = start([GUNICORN, "-c", conf, "app:app"], self.log, env)
+        self.proc = start([GUNICORN, "-c", conf, "app:create_app()"], self.log, env)
         harness.wait_ready(self.proc, self.port, "/health", self.log, "the gateway (gunicorn)")
         self.pids = harness.children(self.proc.pid, workers)
 

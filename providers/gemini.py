@@ -1,20 +1,23 @@
 """Gemini REST image generation: OpenAI images requests to Gemini image models (generateContent) and Imagen (:predict).
 
 Pure translation sits at the top and is tested without a server; the HTTP calls are at the bottom
-(PROTOCOLS.md 2.5, 2.7, 2.9).
+(docs/protocols.md, "Gemini image output (generateContent)", "Imagen predict",
+"Gemini errors").
 """
 from __future__ import annotations
 
 import json
 import math
 import re
+import time
 from collections.abc import Callable, Mapping
 from typing import Any
 
 import gevent
 
 from config import ModelConfig, UpstreamConfig
-from errors import ContentPolicy, GatewayError, InvalidRequest, RateLimited, UpstreamError
+from errors import BadRequestError, ContentPolicyError, GatewayError, RateLimitError, UpstreamError
+from providers.base import ImageResult
 from providers.http import post, require_key, retry_after_seconds, scrub, scrubbed, status_error
 
 ASPECT_RATIOS = {
@@ -51,7 +54,7 @@ def aspect_ratio(size: str, family: str) -> str:
         return "1:1"
     match = _SIZE.fullmatch(size) if isinstance(size, str) else None
     if not match or int(match[1]) == 0 or int(match[2]) == 0:
-        raise InvalidRequest(f'size must be "auto" or WIDTHxHEIGHT in pixels, such as 1024x1024, not {size!r}.',
+        raise BadRequestError(f'size must be "auto" or WIDTHxHEIGHT in pixels, such as 1024x1024, not {size!r}.',
                              param="size", code="invalid_size")
     # In log space 2:1 and 1:2 are equally far from 1:1, so portrait and landscape sizes round alike.
     target = math.log(int(match[1]) / int(match[2]))
@@ -70,8 +73,8 @@ def predict_body(prompt: str, n: int, aspect: str) -> dict:
             "parameters": {"sampleCount": n, "aspectRatio": aspect, "includeRaiReason": True}}
 
 
-def _blocked(reason: str) -> ContentPolicy:
-    return ContentPolicy(f"The image request was blocked by the upstream's safety filter ({reason}).",
+def _blocked(reason: str) -> ContentPolicyError:
+    return ContentPolicyError(f"The image request was blocked by the upstream's safety filter ({reason}).",
                          param="prompt")
 
 
@@ -137,7 +140,7 @@ def _header(headers: Mapping[str, str] | None, name: str) -> str | None:
 
 def error_from_response(upstream: UpstreamConfig, status: int, body_text: str,
                         headers: Mapping[str, str] | None) -> GatewayError:
-    """The gateway error for one of Google's error answers (PROTOCOLS.md 2.9)."""
+    """The gateway error for one of Google's error answers (docs/protocols.md, "Gemini errors")."""
     try:
         doc = json.loads(body_text)
     except ValueError:
@@ -159,8 +162,8 @@ def error_from_response(upstream: UpstreamConfig, status: int, body_text: str,
         seconds = retry_after_seconds(delay.strip().rstrip("s")) if isinstance(delay, str) else None
         seconds = seconds or retry_after_seconds(_header(headers, "Retry-After"))
         # Google's text speaks of "your quota"; say whose quota it is.
-        return RateLimited(f"The upstream '{upstream.name}' is rate limiting the gateway: {scrub(message, upstream)}",
-                           headers={"Retry-After": seconds} if seconds else {})
+        return RateLimitError(f"The upstream '{upstream.name}' is rate limiting the gateway: "
+                              f"{scrub(message, upstream)}", headers={"Retry-After": seconds} if seconds else {})
     return status_error(upstream, status, message)
 
 
@@ -203,7 +206,7 @@ def generate_images(upstream: UpstreamConfig, model: ModelConfig, prompt: str, n
     kind = family(model.upstream_model)
     aspect = aspect_ratio(size, kind)
     if not isinstance(n, int) or n < 1:
-        raise InvalidRequest(f"n must be a whole number of at least 1, not {n!r}.", param="n")
+        raise BadRequestError(f"n must be a whole number of at least 1, not {n!r}.", param="n")
     # A header, never ?key=, so the key stays out of URLs that proxies and error messages might show.
     headers = {"x-goog-api-key": require_key(upstream)}
     base = f"{upstream.base_url.rstrip('/')}/models/{model.upstream_model}"
@@ -224,3 +227,25 @@ def generate_images(upstream: UpstreamConfig, model: ModelConfig, prompt: str, n
         else:
             images.extend(result)
     return images, failures
+
+
+class GeminiProvider:
+    """Images from Gemini image models and Imagen, answered as OpenAI's ImagesResponse (base64 or a data: URL;
+    the gateway keeps no files)."""
+
+    def images(self, upstream: UpstreamConfig, model: ModelConfig, body: dict, prompt: str, n: int,
+               size: str | None, response_format: str | None) -> ImageResult:
+        images, failures = generate_images(upstream, model, prompt, n, size or "auto")
+        if not images:
+            raise failures[0] if failures else UpstreamError(f"The upstream '{upstream.name}' returned no image.")
+        data = []
+        for image in images[:n]:
+            item = ({"url": f"data:{image['mime_type']};base64,{image['b64_json']}"} if response_format == "url"
+                    else {"b64_json": image["b64_json"]})
+            if image.get("revised_prompt"):
+                item["revised_prompt"] = image["revised_prompt"]
+            data.append(item)
+        return ImageResult(doc={"created": int(time.time()), "data": data}, count=len(data), failures=failures)
+
+
+PROVIDER = GeminiProvider()

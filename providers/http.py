@@ -21,7 +21,14 @@ from urllib3.exceptions import HTTPError, MaxRetryError, NewConnectionError
 from urllib3.exceptions import TimeoutError as Urllib3Timeout
 
 from config import UpstreamConfig
-from errors import GatewayError, InvalidRequest, ModelNotFound, RateLimited, UpstreamError, UpstreamTimeout
+from errors import (
+    BadRequestError,
+    GatewayError,
+    ModelNotFoundError,
+    RateLimitError,
+    UpstreamError,
+    UpstreamTimeoutError,
+)
 
 _pools: dict[str, urllib3.PoolManager] = {}
 _pid = 0
@@ -67,7 +74,7 @@ def scrubbed(exc: GatewayError, upstream: UpstreamConfig | None = None) -> Gatew
 
 @contextmanager
 def deadline(upstream: UpstreamConfig, at: float) -> Iterator[None]:
-    """Raise UpstreamTimeout (504) if the block is still running at monotonic time `at`.
+    """Raise UpstreamTimeoutError (504) if the block is still running at monotonic time `at`.
 
     Under the gevent worker a gevent.Timeout interrupts a read that trickles in a byte at a time, which the
     per-read socket timeout never would; urllib3 closes a connection interrupted that way.
@@ -84,8 +91,8 @@ def deadline(upstream: UpstreamConfig, at: float) -> Iterator[None]:
         timer.cancel()
 
 
-def _late(upstream: UpstreamConfig) -> UpstreamTimeout:
-    return UpstreamTimeout(f"The upstream '{upstream.name}' did not answer within its "
+def _late(upstream: UpstreamConfig) -> UpstreamTimeoutError:
+    return UpstreamTimeoutError(f"The upstream '{upstream.name}' did not answer within its "
                            f"{upstream.deadline_seconds():g} s deadline.")
 
 
@@ -143,7 +150,8 @@ def pool(upstream: UpstreamConfig) -> urllib3.PoolManager:
         _pid = os.getpid()
     p = _pools.get(upstream.name)
     if p is None:
-        # block=False: past maxsize, extra connections are opened rather than waited for (RUNTIME.md 2.4).
+        # block=False: past maxsize, extra connections are opened rather than waited for (docs/runtime.md,
+        # "urllib3 (upstream HTTP)").
         # PoolManager reads no proxy variables, so an operator's HTTP_PROXY cannot reroute upstream calls.
         p = urllib3.PoolManager(num_pools=4, maxsize=upstream.pool_size, block=False, retries=False)
         _pools[upstream.name] = p
@@ -219,7 +227,7 @@ def transport_error(upstream: UpstreamConfig, exc: Exception) -> GatewayError:
     if isinstance(reason, NewConnectionError) and "timed out" not in str(reason).lower():
         return UpstreamError(f"The upstream '{upstream.name}' could not be reached (connection failed).")
     if isinstance(reason, (Urllib3Timeout, TimeoutError)) or "timed out" in str(reason).lower():
-        return UpstreamTimeout(f"The upstream '{upstream.name}' did not answer in time.")
+        return UpstreamTimeoutError(f"The upstream '{upstream.name}' did not answer in time.")
     return UpstreamError(f"The upstream '{upstream.name}' could not be reached ({type(reason).__name__}).")
 
 
@@ -243,15 +251,15 @@ def status_error(upstream: UpstreamConfig, status: int, message: str, *, code: s
     code = scrub(code, upstream, 100) if code else None
     param = scrub(param, upstream, 100) if param else None
     if status in (400, 422):
-        return InvalidRequest(message, status=status, code=code, param=param)
+        return BadRequestError(message, status=status, code=code, param=param)
     if status == 404:
-        return ModelNotFound(message, code=code or "model_not_found", param=param)
+        return ModelNotFoundError(message, code=code or "model_not_found", param=param)
     if status == 429:
         headers = {"Retry-After": retry_after} if retry_after else {}
-        return RateLimited(message, headers=headers, code=code or "rate_limit_exceeded")
+        return RateLimitError(message, headers=headers, code=code or "rate_limit_exceeded")
     if status in (401, 403):
         return UpstreamError(f"The upstream '{upstream.name}' refused the gateway's credentials "
                              f"(HTTP {status}); the operator must check {upstream.api_key_env}.")
     if status == 504:
-        return UpstreamTimeout(f"The upstream '{upstream.name}' timed out: {message}")
+        return UpstreamTimeoutError(f"The upstream '{upstream.name}' timed out: {message}")
     return UpstreamError(f"The upstream '{upstream.name}' failed with HTTP {status}: {message}")

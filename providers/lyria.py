@@ -1,56 +1,29 @@
-"""Lyria RealTime music (PROTOCOLS.md 2.8): request validation and WAV packaging at the top, the websocket session
-at the bottom. It returns raw PCM of exactly the requested length; keys, credits and Flask live elsewhere."""
+"""Lyria RealTime music (docs/protocols.md, "Lyria RealTime"): implements MusicProvider over one websocket
+session. It returns raw PCM of exactly the requested length; the request was validated before (validation.py),
+and keys, credits and Flask live elsewhere."""
 from __future__ import annotations
 
 import base64
 import binascii
-import io
 import json
 import logging
-import math
 import time
-import wave
 from contextlib import ExitStack
 from typing import Any
 
 from websockets.exceptions import ConnectionClosed, InvalidStatus, InvalidURI, WebSocketException
 from websockets.sync.client import ClientConnection, connect
 
-from config import UpstreamConfig
-from errors import ContentPolicy, InvalidRequest, UpstreamError, UpstreamTimeout
+from config import ModelConfig, UpstreamConfig
+from errors import ContentPolicyError, UpstreamError, UpstreamTimeoutError
+from providers.base import MusicResult
 from providers.http import require_key, scrub
 
 SAMPLE_RATE = 48000
 CHANNELS = 2
 SAMPLE_WIDTH = 2
-MIN_SECONDS = 4
-MAX_SECONDS = 30
 DEFAULT_URL = ("wss://generativelanguage.googleapis.com/ws/"
                "google.ai.generativelanguage.v1alpha.GenerativeService.BidiGenerateMusic")
-
-SCALES = ("SCALE_UNSPECIFIED", "C_MAJOR_A_MINOR", "D_FLAT_MAJOR_B_FLAT_MINOR", "D_MAJOR_B_MINOR",
-          "E_FLAT_MAJOR_C_MINOR", "E_MAJOR_D_FLAT_MINOR", "F_MAJOR_D_MINOR", "G_FLAT_MAJOR_E_FLAT_MINOR",
-          "G_MAJOR_E_MINOR", "A_FLAT_MAJOR_F_MINOR", "A_MAJOR_G_FLAT_MINOR", "B_FLAT_MAJOR_G_MINOR",
-          "B_MAJOR_A_FLAT_MINOR")
-MODES = ("QUALITY", "DIVERSITY", "VOCALIZATION")
-INT32 = (-(2**31), 2**31 - 1)  # seed is a proto int32; a bigger number would only fail upstream
-
-# snake_case name -> (wire camelCase name, kind, allowed range or values); ranges from PROTOCOLS.md 2.8.
-CONFIG_FIELDS: dict[str, tuple[str, str, Any]] = {
-    "temperature": ("temperature", "float", (0.0, 3.0)),
-    "top_k": ("topK", "int", (1, 1000)),
-    "seed": ("seed", "int", INT32),
-    "guidance": ("guidance", "float", (0.0, 6.0)),
-    "bpm": ("bpm", "int", (60, 200)),
-    "density": ("density", "float", (0.0, 1.0)),
-    "brightness": ("brightness", "float", (0.0, 1.0)),
-    "scale": ("scale", "enum", SCALES),
-    "mute_bass": ("muteBass", "bool", None),
-    "mute_drums": ("muteDrums", "bool", None),
-    "only_bass_and_drums": ("onlyBassAndDrums", "bool", None),
-    "music_generation_mode": ("musicGenerationMode", "enum", MODES),
-}
-_WIRE_TO_SNAKE = {wire: snake for snake, (wire, _, _) in CONFIG_FIELDS.items()}
 
 # A closing handshake that hangs must not hold a worker's greenlet for websockets' default 10 s.
 CLOSE_TIMEOUT = 2.0
@@ -60,131 +33,9 @@ MAX_FRAME_BYTES = 64 * 1024 * 1024
 log = logging.getLogger("gateway.lyria")
 
 
-def _is_number(value: Any) -> bool:
-    """True for a finite int or float; JSON true/false arrive as bool, a subclass of int, and are not numbers.
-
-    An integer too large for a float (JSON allows 400 digits) is no number here, so it is a 400, not an
-    OverflowError."""
-    if not isinstance(value, (int, float)) or isinstance(value, bool):
-        return False
-    try:
-        return math.isfinite(value)
-    except OverflowError:
-        return False
-
-
-def _prompt_list(items: Any, field: str) -> list[dict]:
-    """A validated weighted-prompt list in wire form; errors name the offending element."""
-    if not isinstance(items, list) or not items:
-        raise InvalidRequest(f"{field} must be a non-empty list of {{\"text\": ..., \"weight\": ...}} objects.",
-                             param=field)
-    prompts = []
-    for i, item in enumerate(items):
-        where = f"{field}[{i}]"
-        if not isinstance(item, dict):
-            raise InvalidRequest(f"{where} must be an object with text and an optional weight.", param=where)
-        extra = sorted(set(item) - {"text", "weight"})
-        if extra:
-            raise InvalidRequest(f"{where}.{extra[0]} is not supported; a prompt has only text and weight.",
-                                 param=f"{where}.{extra[0]}")
-        text = item.get("text")
-        if not isinstance(text, str) or not text.strip():
-            raise InvalidRequest(f"{where}.text must be a non-empty string.", param=f"{where}.text")
-        weight = item.get("weight", 1.0)
-        # Lyria normalises weights, so 0 is meaningless there and rejected; negative weights steer away.
-        if not _is_number(weight) or weight == 0:
-            raise InvalidRequest(f"{where}.weight must be a non-zero number such as 1.0.", param=f"{where}.weight")
-        prompts.append({"text": text, "weight": float(weight)})
-    return prompts
-
-
-def parse_prompts(body: dict) -> list[dict]:
-    """The request's prompt or weighted_prompts (exactly one) as Lyria weightedPrompts."""
-    prompt, weighted = body.get("prompt"), body.get("weighted_prompts")
-    if prompt is not None and weighted is not None:
-        raise InvalidRequest("Give either prompt or weighted_prompts, not both.", param="prompt")
-    if weighted is not None:
-        return _prompt_list(weighted, "weighted_prompts")
-    if prompt is None:
-        raise InvalidRequest("prompt is required: describe the music, or send weighted_prompts as a list of "
-                             "{\"text\": ..., \"weight\": ...} objects.", param="prompt")
-    if isinstance(prompt, str):
-        if not prompt.strip():
-            raise InvalidRequest("prompt must be a non-empty string.", param="prompt")
-        return [{"text": prompt, "weight": 1.0}]
-    if isinstance(prompt, list):
-        return _prompt_list(prompt, "prompt")
-    raise InvalidRequest("prompt must be a string or a list of {\"text\": ..., \"weight\": ...} objects.",
-                         param="prompt")
-
-
-def parse_duration(value: Any, default: float) -> float:
-    """Seconds of music to make: the default when absent, otherwise clamped to MIN_SECONDS..MAX_SECONDS."""
-    if value is None:
-        value = default
-    elif not _is_number(value):
-        raise InvalidRequest(f"duration_seconds must be a number of seconds ({MIN_SECONDS} to {MAX_SECONDS}).",
-                             param="duration_seconds")
-    return float(min(max(value, MIN_SECONDS), MAX_SECONDS))
-
-
 def pcm_bytes(seconds: float) -> int:
     """Exact PCM length for a clip: whole stereo 16-bit frames, so the WAV never ends mid-frame."""
     return round(seconds * SAMPLE_RATE) * CHANNELS * SAMPLE_WIDTH
-
-
-def _config_value(name: str, value: Any, kind: str, allowed: Any) -> Any:
-    """One musicGenerationConfig value checked against its kind and range; errors give the allowed values."""
-    param = f"music_generation_config.{name}"
-    if kind == "bool":
-        if not isinstance(value, bool):
-            raise InvalidRequest(f"{param} must be true or false.", param=param)
-        return value
-    if kind == "enum":
-        if value not in allowed:
-            raise InvalidRequest(f"{param} must be one of {', '.join(allowed)}.", param=param)
-        return value
-    low, high = allowed
-    if kind == "int":
-        # 120.0 is accepted as 120: JSON from some clients does not distinguish the two.
-        if not _is_number(value) or value != int(value) or not low <= value <= high:
-            raise InvalidRequest(f"{param} must be a whole number from {low} to {high}.", param=param)
-        return int(value)
-    if not _is_number(value) or not low <= value <= high:
-        raise InvalidRequest(f"{param} must be a number from {low} to {high}.", param=param)
-    return float(value)
-
-
-def parse_config(cfg: Any) -> dict:
-    """music_generation_config (snake_case or camelCase) as a validated Lyria musicGenerationConfig."""
-    if cfg is None:
-        return {}
-    if not isinstance(cfg, dict):
-        raise InvalidRequest("music_generation_config must be an object such as {\"bpm\": 120}.",
-                             param="music_generation_config")
-    wire: dict[str, Any] = {}
-    for name, value in cfg.items():
-        snake = name if name in CONFIG_FIELDS else _WIRE_TO_SNAKE.get(name)
-        if snake is None:
-            raise InvalidRequest(f"music_generation_config.{name} is not a setting; known settings are: "
-                                 f"{', '.join(CONFIG_FIELDS)}.", param=f"music_generation_config.{name}")
-        camel, kind, allowed = CONFIG_FIELDS[snake]
-        if camel in wire:
-            raise InvalidRequest(f"music_generation_config sets {snake} twice (as {snake} and {camel}).",
-                                 param=f"music_generation_config.{name}")
-        wire[camel] = _config_value(name, value, kind, allowed)
-    return wire
-
-
-def wav_bytes(pcm: bytes) -> bytes:
-    """PCM from Lyria wrapped as a 48 kHz stereo 16-bit WAV file."""
-    buf = io.BytesIO()
-    with wave.open(buf, "wb") as w:
-        w.setnchannels(CHANNELS)
-        w.setsampwidth(SAMPLE_WIDTH)
-        w.setframerate(SAMPLE_RATE)
-        w.writeframes(pcm)
-    return buf.getvalue()
 
 
 def _scrub(text: str, upstream: UpstreamConfig) -> str:
@@ -218,7 +69,7 @@ def _open(stack: ExitStack, url: str, key: str, upstream: UpstreamConfig) -> Cli
         raise UpstreamError(f"The music upstream rejected the connection with HTTP {status}"
                             f"{': ' + body if body else ''}.") from None
     except TimeoutError:  # before OSError: TimeoutError is a subclass of it
-        raise UpstreamTimeout(f"The music upstream did not accept a connection within "
+        raise UpstreamTimeoutError(f"The music upstream did not accept a connection within "
                               f"{upstream.connect_timeout_seconds:g} s.") from None
     except InvalidURI:
         raise UpstreamError(f"The upstream '{upstream.name}' base_url is not a valid websocket URL.") from None
@@ -261,7 +112,7 @@ def _collect(ws: ClientConnection, want: int, deadline: float, idle: float,
             filtered = filtered if isinstance(filtered, dict) else {}
             reason = _field(filtered, "filteredReason", "filtered_reason") or "no reason given"
             text = str(filtered.get("text") or "")[:100]
-            raise ContentPolicy(f"The music prompt {text!r} was blocked by the upstream's safety filter: {reason}",
+            raise ContentPolicyError(f"The music prompt {text!r} was blocked by the upstream's safety filter: {reason}",
                                 param="prompt")
         elif "warning" in msg:
             log.warning("Lyria warning (generation continues): %s", _scrub(str(msg["warning"]), upstream))
@@ -276,7 +127,8 @@ def generate_music(upstream: UpstreamConfig, model: str, prompts: list[dict], co
     most timeout_seconds at a stretch (setup included), and the whole call must end within connect_timeout_seconds
     + timeout_seconds + 2 x seconds: Lyria streams about as fast as playback, so twice the clip length plus
     start-up slack is generous while still bounding an upstream that trickles audio.
-    Under a gevent worker every wait here yields to other greenlets (RUNTIME.md 4)."""
+    Under a gevent worker every wait here yields to other greenlets (docs/runtime.md, "websockets sync client
+    under gevent")."""
     key = require_key(upstream)
     want = pcm_bytes(seconds)
     idle = upstream.timeout_seconds
@@ -309,4 +161,16 @@ def generate_music(upstream: UpstreamConfig, model: str, prompts: list[dict], co
                                 f"complete (close code {code}: {reason}).") from None
         except TimeoutError:
             what = "did not finish setup" if phase == "setup" else f"did not deliver {seconds:g} s of audio"
-            raise UpstreamTimeout(f"The music upstream {what} in time.") from None
+            raise UpstreamTimeoutError(f"The music upstream {what} in time.") from None
+
+
+class LyriaProvider:
+    """Music over Lyria RealTime's websocket."""
+
+    def music(self, upstream: UpstreamConfig, model: ModelConfig, prompts: list[dict], config: dict,
+              seconds: float) -> MusicResult:
+        pcm = generate_music(upstream, model.upstream_model, prompts, config, seconds)
+        return MusicResult(pcm=pcm, sample_rate=SAMPLE_RATE, channels=CHANNELS, sample_width=SAMPLE_WIDTH)
+
+
+PROVIDER = LyriaProvider()

@@ -1,7 +1,7 @@
 """Any OpenAI-compatible upstream (OpenAI, Gemini's OpenAI endpoint, vLLM, Ollama, ...): chat, completions, images.
 
-Plain functions over plain dicts: a request body in, the upstream's OpenAI-shaped answer out. Nothing here knows
-of Flask, keys or credits.
+Implements ChatProvider and ImageProvider (providers/base.py): a request body in, the upstream's OpenAI-shaped
+answer out, its SSE stream parsed into ChatEvents. Nothing here knows of Flask, keys or credits.
 """
 from __future__ import annotations
 
@@ -9,8 +9,9 @@ import json
 from collections.abc import Iterator
 from typing import Any
 
-from config import UpstreamConfig
-from errors import GatewayError, UpstreamError, UpstreamTimeout
+from config import ModelConfig, UpstreamConfig
+from errors import GatewayError, UpstreamError, UpstreamTimeoutError
+from providers.base import ChatEvent, ChatResult, ImageResult
 from providers.http import (
     READ_SIZE,
     Reply,
@@ -170,8 +171,8 @@ def iter_events(upstream: UpstreamConfig, resp: Reply) -> Iterator[bytes]:
             raise
         except Exception as exc:  # urllib3's ProtocolError, ReadTimeoutError, socket errors
             err = transport_error(upstream, exc)
-            if isinstance(err, UpstreamTimeout):
-                raise UpstreamTimeout(f"The upstream '{upstream.name}' stopped sending.") from None
+            if isinstance(err, UpstreamTimeoutError):
+                raise UpstreamTimeoutError(f"The upstream '{upstream.name}' stopped sending.") from None
             raise UpstreamError(f"The upstream '{upstream.name}' broke off the stream.") from None
         if not chunk:
             raise UpstreamError(f"The upstream '{upstream.name}' ended the stream before it was complete.")
@@ -200,6 +201,109 @@ def scrub_error_event(upstream: UpstreamConfig, data: bytes) -> bytes:
     return json.dumps(obj, separators=(",", ":")).encode()
 
 
-def generate_images(upstream: UpstreamConfig, body: dict) -> dict[str, Any]:
-    """OpenAI image models, relayed as they are."""
-    return call(upstream, "images/generations", body)
+_PATHS = {"chat": "chat/completions", "completions": "completions"}
+
+
+def check_choices(upstream: UpstreamConfig, choices: list, part: str) -> None:
+    """502 for choices an SDK could not read: each an object, its message (or delta) and tool calls objects."""
+    for choice in choices:
+        msg = choice.get(part) if isinstance(choice, dict) else None
+        calls = msg.get("tool_calls") if isinstance(msg, dict) else None
+        if (not isinstance(choice, dict) or (msg is not None and not isinstance(msg, dict))
+                or (calls is not None and not isinstance(calls, list))
+                or any(not isinstance(c, dict) or not isinstance(c.get("function") or {}, dict)
+                       for c in calls or ())):
+            raise UpstreamError(f"The upstream '{upstream.name}' sent a malformed choice: each choice, its "
+                                f"'{part}' and its 'tool_calls' must be JSON objects.")
+
+
+def choice_text(choice: Any) -> str:
+    """The text a choice (or a stream delta) carries, for counting tokens the upstream did not report."""
+    if not isinstance(choice, dict):
+        return ""
+    if "text" in choice:
+        return str(choice.get("text") or "")
+    msg = choice.get("message") or choice.get("delta") or {}
+    if not isinstance(msg, dict):
+        return ""
+    text = str(msg.get("content") or "") + str(msg.get("refusal") or "")
+    calls = msg.get("tool_calls")
+    for call in calls if isinstance(calls, list) else ():
+        fn = call.get("function") if isinstance(call, dict) else None
+        if isinstance(fn, dict):
+            text += str(fn.get("name") or "") + str(fn.get("arguments") or "")
+    return text
+
+
+def parse_event(upstream: UpstreamConfig, data: bytes) -> ChatEvent:
+    """One stream event's data as a ChatEvent; an error event or one an SDK could not read raises.
+
+    Every event is parsed (a few microseconds) so a malformed one ends the stream with an error event instead
+    of reaching the client's SDK.
+    """
+    try:
+        obj = json.loads(data)
+    except ValueError:
+        obj = None
+    if not isinstance(obj, dict):
+        raise UpstreamError(f"The upstream '{upstream.name}' sent an event that is not a JSON object.")
+    if obj.get("error") is not None:
+        err = obj["error"] if isinstance(obj["error"], dict) else {}
+        raise UpstreamError(str(err.get("message") or "The upstream failed mid-stream."))
+    choices = obj.get("choices")
+    if choices is not None and not isinstance(choices, list):
+        raise UpstreamError(f"The upstream '{upstream.name}' sent an event whose 'choices' is not an array.")
+    check_choices(upstream, choices or [], "delta")
+    texts: dict[int, str] = {}
+    for choice in choices or ():
+        index = choice.get("index") if isinstance(choice.get("index"), int) else 0
+        text = choice_text(choice)
+        if text:
+            texts[index] = texts.get(index, "") + text
+    return ChatEvent(data=data, doc=obj, choices=choices or [], usage_report=obj.get("usage"), texts=texts)
+
+
+class _Stream:
+    """An open SSE answer as ChatEvents."""
+
+    def __init__(self, upstream: UpstreamConfig, resp: Reply) -> None:
+        self.upstream, self.resp = upstream, resp
+
+    def events(self) -> Iterator[ChatEvent]:
+        for data in iter_events(self.upstream, self.resp):
+            yield parse_event(self.upstream, data)
+
+    def finish(self) -> None:
+        self.resp.finish()
+
+    def close(self) -> None:
+        self.resp.close()
+
+
+class OpenAIProvider:
+    """Chat, legacy completions and images on any OpenAI-compatible upstream."""
+
+    def chat(self, upstream: UpstreamConfig, route: str, body: dict) -> ChatResult:
+        doc = call(upstream, _PATHS[route], body)
+        choices = doc.get("choices")
+        if not isinstance(choices, list):
+            raise UpstreamError(f"The upstream '{upstream.name}' answered without 'choices'.")
+        check_choices(upstream, choices, "message")
+        return ChatResult(doc=doc, usage_report=doc.get("usage"), texts=[choice_text(c) for c in choices])
+
+    def chat_stream(self, upstream: UpstreamConfig, route: str, body: dict) -> _Stream:
+        # The usage report is always asked for: it is what the stream is charged by.
+        body = {**body, "stream": True,
+                "stream_options": {**(body.get("stream_options") or {}), "include_usage": True}}
+        return _Stream(upstream, open_stream(upstream, _PATHS[route], body))
+
+    def images(self, upstream: UpstreamConfig, model: ModelConfig, body: dict, prompt: str, n: int,
+               size: str | None, response_format: str | None) -> ImageResult:
+        """The upstream's answer as it came (every other field passed on untouched), and its image count."""
+        doc = call(upstream, "images/generations", {**body, "model": model.upstream_model})
+        if not isinstance(doc.get("data"), list):
+            raise UpstreamError(f"The upstream '{upstream.name}' answered without 'data'.")
+        return ImageResult(doc=doc, count=len(doc["data"]))
+
+
+PROVIDER = OpenAIProvider()

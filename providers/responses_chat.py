@@ -4,7 +4,7 @@
 answer into a Response object; `StreamTranslator` turns chat.completion.chunk dicts into typed Responses stream
 events. No Flask, no network, no money: the route owns those.
 
-What a stateless chat upstream cannot do is refused with `Untranslatable` naming the request field, never
+What a stateless chat upstream cannot do is refused with `UntranslatableError` naming the request field, never
 dropped quietly. Decisions where the two APIs differ:
   - `developer` messages become `system` messages: Gemini and local servers do not know the developer role.
   - `metadata` is not sent upstream (chat only accepts it with `store`); it is echoed on the Response, which is
@@ -21,7 +21,7 @@ import copy
 import json
 from typing import Any
 
-from errors import InvalidRequest
+from errors import BadRequestError
 
 # Request fields passed to chat under the same name and meaning.
 _SAME_NAME = ("model", "temperature", "top_p", "user", "service_tier", "safety_identifier", "prompt_cache_key",
@@ -37,10 +37,10 @@ _FUNCTION_TOOL_KEYS = {"type", "name", "description", "parameters", "strict"}
 _CHAT_FINISH_INCOMPLETE = {"length": "max_output_tokens", "content_filter": "content_filter"}
 
 
-class Untranslatable(InvalidRequest, ValueError):
+class UntranslatableError(BadRequestError, ValueError):
     """A Responses request field a chat-completions upstream cannot honour; `param` names the field path.
 
-    It is an InvalidRequest (HTTP 400, OpenAI-shaped body with param) and a ValueError for callers that only
+    It is an BadRequestError (HTTP 400, OpenAI-shaped body with param) and a ValueError for callers that only
     want to know the input was bad.
     """
 
@@ -51,15 +51,15 @@ class Untranslatable(InvalidRequest, ValueError):
 
 
 
-class BadChatAnswer(ValueError):
+class BadChatAnswerError(ValueError):
     """The upstream's chat answer has no choice to translate; the route reports it as an upstream error."""
 
 
 # ---------------------------------------------------------------------------------------------- request
 
 
-def _refuse(message: str, param: str) -> Untranslatable:
-    return Untranslatable(message, param)
+def _refuse(message: str, param: str) -> UntranslatableError:
+    return UntranslatableError(message, param)
 
 
 def _text_of(parts: list, param: str, allowed: tuple[str, ...]) -> str:
@@ -252,7 +252,7 @@ def _response_format(text: Any) -> dict | None:
 
 
 def to_chat(body: dict) -> dict:
-    """A Responses create request as a chat.completions request; raises Untranslatable naming the field."""
+    """A Responses create request as a chat.completions request; raises UntranslatableError naming the field."""
     if not isinstance(body, dict):
         raise _refuse("The request body must be a JSON object.", "body")
     unknown = sorted(k for k in body if k not in _KNOWN)
@@ -396,7 +396,7 @@ def from_chat(chat_doc: dict, request: dict, response_id: str, created_at: int,
     """A chat.completion as the Response object for `request` (the original Responses body)."""
     choices = chat_doc.get("choices") if isinstance(chat_doc, dict) else None
     if not isinstance(choices, list) or not choices or not isinstance(choices[0], dict):
-        raise BadChatAnswer("The upstream's chat answer has no choices.")
+        raise BadChatAnswerError("The upstream's chat answer has no choices.")
     choice = choices[0]
     msg = choice.get("message") or {}
     status, incomplete = _status(choice.get("finish_reason"))

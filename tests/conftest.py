@@ -151,7 +151,7 @@ class Gateway:
     def start(self) -> Gateway:
         LIVE.append(self)
         log = open(self.log_path, "ab")
-        self.proc = subprocess.Popen([GUNICORN, "-c", "gunicorn.conf.py", "app:app"], cwd=ROOT, env=self.env,
+        self.proc = subprocess.Popen([GUNICORN, "-c", "gunicorn.conf.py", "app:create_app()"], cwd=ROOT, env=self.env,
                                      stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         deadline = time.monotonic() + 20
         while time.monotonic() < deadline:

@@ -1,4 +1,5 @@
-"""A fake Gemini REST server on 127.0.0.1: generateContent image output and Imagen :predict (PROTOCOLS.md 2.5-2.9).
+"""A fake Gemini REST server on 127.0.0.1: generateContent image output and Imagen :predict
+(docs/protocols.md, "Gemini image output (generateContent)" to "Gemini errors").
 
 It checks the key and the request shape as strictly as Google does, so a wrong request fails a test.
 Behaviour is picked by magic words in the prompt:

@@ -1,4 +1,5 @@
-"""A fake Lyria RealTime server (PROTOCOLS.md 2.8): a real websocket server on 127.0.0.1 in a background thread.
+"""A fake Lyria RealTime server (docs/protocols.md, "Lyria RealTime"): a real websocket server on 127.0.0.1
+in a background thread.
 
 Behaviour is chosen by magic words in the prompt text:
   [filter]     answer the prompts with filteredPrompt and play nothing

@@ -1,4 +1,5 @@
-"""A fake OpenAI-compatible upstream: a real HTTP server on 127.0.0.1 speaking PROTOCOLS.md part 1.
+"""A fake OpenAI-compatible upstream: a real HTTP server on 127.0.0.1 speaking the protocols of docs/protocols.md,
+"OpenAI chat completions" to "OpenAI-compatible error answers".
 
 Behaviour is chosen by magic words in the last message (or the prompt):
   [usage=P,C]   report P prompt and C completion tokens (default 11 and the number of content chunks)

@@ -68,8 +68,8 @@ def test_server_refuses_to_start_with_one_sentence(tmp_path):
     bad = tmp_path / "config.toml"
     bad.write_text(GOOD + "[server]\nmax_body_bytes = \"big\"\n")
     gunicorn = str(Path(sys.executable).with_name("gunicorn"))
-    done = subprocess.run([gunicorn, "-c", "gunicorn.conf.py", "app:app"], cwd=ROOT, capture_output=True, text=True,
-                          timeout=60, env={"GATEWAY_CONFIG": str(bad), "PORT": "1", "PATH": "/usr/bin:/bin"})
+    done = subprocess.run([gunicorn, "-c", "gunicorn.conf.py", "app:create_app()"], cwd=ROOT, capture_output=True,
+                          text=True, timeout=60, env={"GATEWAY_CONFIG": str(bad), "PORT": "1", "PATH": "/usr/bin:/bin"})
     assert done.returncode != 0
     assert "gateway: [server].max_body_bytes must be a whole number" in done.stderr
     assert "Traceback" not in done.stderr
@@ -132,8 +132,8 @@ def test_server_start_refused_with_one_sentence(tmp_path, setting):
     bad = tmp_path / "config.toml"
     bad.write_text(GOOD + "[server]\n" + setting.format(tmp=tmp_path) + "\n")
     gunicorn = str(Path(sys.executable).with_name("gunicorn"))
-    done = subprocess.run([gunicorn, "-c", "gunicorn.conf.py", "app:app"], cwd=ROOT, capture_output=True, text=True,
-                          timeout=60, env={"GATEWAY_CONFIG": str(bad), "PORT": "1", "PATH": "/usr/bin:/bin"})
+    done = subprocess.run([gunicorn, "-c", "gunicorn.conf.py", "app:create_app()"], cwd=ROOT, capture_output=True,
+                          text=True, timeout=60, env={"GATEWAY_CONFIG": str(bad), "PORT": "1", "PATH": "/usr/bin:/bin"})
     assert done.returncode != 0
     assert "gateway: [server]." in done.stderr
     assert "Traceback" not in done.stderr

@@ -6,7 +6,7 @@ import pytest
 
 import db
 import keys
-from errors import InsufficientCredits
+from errors import InsufficientCreditsError
 
 
 def test_group_commit_undoes_only_the_failing_writes(tmp_path):
@@ -20,7 +20,7 @@ def test_group_commit_undoes_only_the_failing_writes(tmp_path):
             transactions.append(conn.in_transaction)
             (balance,) = conn.execute("SELECT balance FROM api_keys WHERE id = ?", (key_id,)).fetchone()
             if balance < amount:
-                raise InsufficientCredits("short")
+                raise InsufficientCreditsError("short")
             conn.execute("UPDATE api_keys SET balance = balance - ? WHERE id = ?", (amount, key_id))
             conn.execute("INSERT INTO ledger(key_id, amount, kind, created_at) VALUES (?, ?, 'charge', 0)",
                          (key_id, -amount))
@@ -31,7 +31,7 @@ def test_group_commit_undoes_only_the_failing_writes(tmp_path):
     gevent.joinall(greenlets)
     assert sorted(g.value for g in greenlets if g.successful()) == [10, 40, 70]
     failures = [g.exception for g in greenlets if not g.successful()]
-    assert len(failures) == 2 and all(isinstance(e, InsufficientCredits) for e in failures)
+    assert len(failures) == 2 and all(isinstance(e, InsufficientCreditsError) for e in failures)
     assert transactions == [True] * 5
     with db.cli_connection(path) as conn:
         assert conn.execute("SELECT balance FROM api_keys").fetchone()[0] == 10

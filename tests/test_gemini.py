@@ -13,7 +13,14 @@ from pathlib import Path
 import pytest
 
 from config import ModelConfig, UpstreamConfig
-from errors import ContentPolicy, InvalidRequest, ModelNotFound, RateLimited, UpstreamError, UpstreamTimeout
+from errors import (
+    BadRequestError,
+    ContentPolicyError,
+    ModelNotFoundError,
+    RateLimitError,
+    UpstreamError,
+    UpstreamTimeoutError,
+)
 from providers import gemini
 from tests.fake_gemini import FakeGemini, png_for
 
@@ -47,7 +54,7 @@ def test_aspect_ratio_picks_the_nearest_supported_ratio(size, gemini_ratio, imag
 @pytest.mark.parametrize("size", ["big", "0x5", "5x0", "1024", "1024x", "x1024", "-1x5", "1024X1024",
                                   " 1024x1024", "1.5x1", "", "9999999x1", None, 1024])
 def test_aspect_ratio_rejects_other_sizes(size):
-    with pytest.raises(InvalidRequest) as caught:
+    with pytest.raises(BadRequestError) as caught:
         gemini.aspect_ratio(size, "gemini")
     assert caught.value.param == "size"
     assert caught.value.code == "invalid_size"
@@ -94,7 +101,7 @@ def test_parse_generate_content_keeps_an_image_despite_a_safety_finish():
 
 @pytest.mark.parametrize("reason", sorted(gemini.BLOCKED_REASONS))
 def test_parse_generate_content_blocked_finish_is_content_policy(reason):
-    with pytest.raises(ContentPolicy) as caught:
+    with pytest.raises(ContentPolicyError) as caught:
         gemini.parse_generate_content({"candidates": [{"finishReason": reason, "index": 0}]})
     assert caught.value.message == f"The image request was blocked by the upstream's safety filter ({reason})."
     assert (caught.value.status, caught.value.code, caught.value.param) == (400, "content_policy_violation",
@@ -102,7 +109,7 @@ def test_parse_generate_content_blocked_finish_is_content_policy(reason):
 
 
 def test_parse_generate_content_prompt_feedback_is_content_policy():
-    with pytest.raises(ContentPolicy) as caught:
+    with pytest.raises(ContentPolicyError) as caught:
         gemini.parse_generate_content({"promptFeedback": {"blockReason": "PROHIBITED_CONTENT"}})
     assert caught.value.message == ("The image request was blocked by the upstream's safety filter "
                                     "(PROHIBITED_CONTENT).")
@@ -129,7 +136,7 @@ def test_parse_predict():
                            {"bytesBase64Encoded": "B"}]}
     assert gemini.parse_predict(doc) == [{"b64_json": "A", "mime_type": "image/png"},
                                          {"b64_json": "B", "mime_type": "image/png"}]
-    with pytest.raises(ContentPolicy) as caught:
+    with pytest.raises(ContentPolicyError) as caught:
         gemini.parse_predict({"predictions": [{"raiFilteredReason": "Filtered by policy."}]})
     assert caught.value.message == "The image request was blocked by the upstream's safety filter (Filtered by policy)."
     for empty in ({}, {"predictions": []}, {"predictions": [{}]}, None):
@@ -164,7 +171,7 @@ def test_error_from_response_429_retry_delay():
         details = [{"@type": "type.googleapis.com/google.rpc.RetryInfo", "retryDelay": delay}] if delay else []
         return gemini.error_from_response(UP, 429, _google(429, "RESOURCE_EXHAUSTED", "quota", details), headers)
     error = rate_limited("59s", {"Retry-After": "3"})
-    assert type(error) is RateLimited and error.status == 429 and error.headers == {"Retry-After": "59"}
+    assert type(error) is RateLimitError and error.status == 429 and error.headers == {"Retry-After": "59"}
     assert error.message == "The upstream 'gemini' is rate limiting the gateway: quota"
     assert rate_limited("1.5s", {}).headers == {"Retry-After": "2"}
     assert rate_limited("0.2s", {}).headers == {"Retry-After": "1"}
@@ -173,9 +180,9 @@ def test_error_from_response_429_retry_delay():
 
 
 @pytest.mark.parametrize("status, cls, code", [
-    (400, InvalidRequest, "invalid_request"), (404, ModelNotFound, "model_not_found"),
+    (400, BadRequestError, "invalid_request"), (404, ModelNotFoundError, "model_not_found"),
     (500, UpstreamError, "upstream_error"), (503, UpstreamError, "upstream_error"),
-    (504, UpstreamTimeout, "upstream_timeout")])
+    (504, UpstreamTimeoutError, "upstream_timeout")])
 def test_error_from_response_by_status(status, cls, code):
     error = gemini.error_from_response(UP, status, "[" + _google(status, "X", "Google says no") + "]", {})
     assert type(error) is cls and error.code == code
@@ -267,14 +274,14 @@ def test_imagen_splits_into_predicts_of_at_most_four(fake, upstream, n, counts):
 @pytest.mark.parametrize("upstream_model", ["gemini-2.5-flash-image", IMAGEN])
 def test_safety_is_content_policy(fake, upstream, upstream_model):
     images, failures = gemini.generate_images(upstream, model(upstream_model), "[safety]", 2, "auto")
-    assert images == [] and all(type(f) is ContentPolicy for f in failures) and failures
+    assert images == [] and all(type(f) is ContentPolicyError for f in failures) and failures
     reason = "IMAGE_SAFETY" if upstream_model.startswith("gemini") else "Your current safety filter"
     assert f"blocked by the upstream's safety filter ({reason}" in failures[0].message
 
 
 def test_blocked_prompt_is_content_policy(fake, upstream):
     images, [failure] = gemini.generate_images(upstream, model(), "[blocked]", 1, "auto")
-    assert images == [] and type(failure) is ContentPolicy
+    assert images == [] and type(failure) is ContentPolicyError
     assert failure.message == "The image request was blocked by the upstream's safety filter (SAFETY)."
 
 
@@ -319,7 +326,7 @@ def test_fake_rejects_a_wrong_shape(fake, upstream):
 
 def test_429_is_rate_limited_with_retry_after(fake, upstream):
     _, [failure] = gemini.generate_images(upstream, model(), "[429]", 1, "auto")
-    assert type(failure) is RateLimited and failure.status == 429
+    assert type(failure) is RateLimitError and failure.status == 429
     assert failure.headers == {"Retry-After": "7"}
 
 
@@ -338,13 +345,13 @@ def test_non_json_200_is_upstream_error(fake, upstream):
 
 def test_unknown_model_is_model_not_found(fake, upstream):
     _, [failure] = gemini.generate_images(upstream, model("gemini-missing"), "a cat", 1, "auto")
-    assert type(failure) is ModelNotFound and failure.status == 404
+    assert type(failure) is ModelNotFoundError and failure.status == 404
 
 
 def test_slow_upstream_is_timeout(fake, upstream):
     slow = UpstreamConfig(**{**upstream.__dict__, "timeout_seconds": 1})
     _, [failure] = gemini.generate_images(slow, model(), "[slow]", 1, "auto")
-    assert type(failure) is UpstreamTimeout and failure.status == 504
+    assert type(failure) is UpstreamTimeoutError and failure.status == 504
 
 
 def test_flaky_gives_some_images_and_some_failures(fake, upstream):
@@ -362,10 +369,10 @@ def test_missing_key_raises_before_any_call(fake, upstream, monkeypatch):
 
 
 def test_bad_size_and_n_raise_before_any_call(fake, upstream):
-    with pytest.raises(InvalidRequest) as caught:
+    with pytest.raises(BadRequestError) as caught:
         gemini.generate_images(upstream, model(), "a cat", 1, "big")
     assert caught.value.param == "size"
-    with pytest.raises(InvalidRequest) as caught:
+    with pytest.raises(BadRequestError) as caught:
         gemini.generate_images(upstream, model(), "a cat", 0, "auto")
     assert caught.value.param == "n"
     assert fake.requests == []

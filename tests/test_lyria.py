@@ -16,9 +16,12 @@ import pytest
 from websockets.exceptions import ConnectionClosed
 from websockets.sync.client import connect
 
+import validation
 from config import UpstreamConfig
-from errors import ContentPolicy, InvalidRequest, UpstreamError, UpstreamTimeout
+from errors import BadRequestError, ContentPolicyError, UpstreamError, UpstreamTimeoutError
 from providers import lyria
+from providers.base import MusicResult
+from routes.music import wav_bytes
 from tests.fake_lyria import FakeLyria
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -27,9 +30,9 @@ ENV = "LYRIA_TEST_KEY"
 PIANO = [{"text": "solo piano", "weight": 1.0}]
 
 
-def bad(call, *args) -> InvalidRequest:
-    """The InvalidRequest a call raises."""
-    with pytest.raises(InvalidRequest) as info:
+def bad(call, *args) -> BadRequestError:
+    """The BadRequestError a call raises."""
+    with pytest.raises(BadRequestError) as info:
         call(*args)
     return info.value
 
@@ -37,9 +40,9 @@ def bad(call, *args) -> InvalidRequest:
 # Pure parts
 
 def test_prompt_string_and_lists():
-    assert lyria.parse_prompts({"prompt": "lofi"}) == [{"text": "lofi", "weight": 1.0}]
-    assert lyria.parse_prompts({"prompt": [{"text": "a", "weight": 2}]}) == [{"text": "a", "weight": 2.0}]
-    got = lyria.parse_prompts({"weighted_prompts": [{"text": "techno", "weight": 1}, {"text": "piano"},
+    assert validation.music_prompts({"prompt": "lofi"}) == [{"text": "lofi", "weight": 1.0}]
+    assert validation.music_prompts({"prompt": [{"text": "a", "weight": 2}]}) == [{"text": "a", "weight": 2.0}]
+    got = validation.music_prompts({"weighted_prompts": [{"text": "techno", "weight": 1}, {"text": "piano"},
                                                      {"text": "drums", "weight": -0.5}]})
     assert got == [{"text": "techno", "weight": 1.0}, {"text": "piano", "weight": 1.0},
                    {"text": "drums", "weight": -0.5}]
@@ -62,18 +65,18 @@ def test_prompt_string_and_lists():
     ({"weighted_prompts": [{"text": "a", "colour": 1}]}, "weighted_prompts[0].colour"),
 ])
 def test_prompt_errors_name_the_field(body, param):
-    err = bad(lyria.parse_prompts, body)
+    err = bad(validation.music_prompts, body)
     assert err.param == param and err.status == 400 and err.message.endswith(".")
 
 
 def test_duration_clamps_and_defaults():
-    assert lyria.parse_duration(2, 8.0) == 4
-    assert lyria.parse_duration(60, 8.0) == 30
-    assert lyria.parse_duration(8, 8.0) == 8
-    assert lyria.parse_duration(4.5, 8.0) == 4.5
-    assert lyria.parse_duration(None, 8.0) == 8.0
+    assert validation.music_seconds(2, 8.0) == 4
+    assert validation.music_seconds(60, 8.0) == 30
+    assert validation.music_seconds(8, 8.0) == 8
+    assert validation.music_seconds(4.5, 8.0) == 4.5
+    assert validation.music_seconds(None, 8.0) == 8.0
     for value in ("x", True, float("inf"), [5]):
-        assert bad(lyria.parse_duration, value, 8.0).param == "duration_seconds"
+        assert bad(validation.music_seconds, value, 8.0).param == "duration_seconds"
 
 
 def test_pcm_bytes_are_whole_frames():
@@ -83,15 +86,15 @@ def test_pcm_bytes_are_whole_frames():
 
 
 def test_config_snake_and_camel_become_camel():
-    got = lyria.parse_config({"temperature": 1, "top_k": 40, "seed": 7, "guidance": 4.0, "bpm": 120.0,
+    got = validation.music_config({"temperature": 1, "top_k": 40, "seed": 7, "guidance": 4.0, "bpm": 120.0,
                               "density": 0.5, "brightness": 1, "scale": "A_FLAT_MAJOR_F_MINOR", "mute_bass": True,
                               "muteDrums": False, "onlyBassAndDrums": False, "music_generation_mode": "DIVERSITY"})
     assert got == {"temperature": 1.0, "topK": 40, "seed": 7, "guidance": 4.0, "bpm": 120, "density": 0.5,
                    "brightness": 1.0, "scale": "A_FLAT_MAJOR_F_MINOR", "muteBass": True, "muteDrums": False,
                    "onlyBassAndDrums": False, "musicGenerationMode": "DIVERSITY"}
-    assert lyria.parse_config({"topK": 3, "musicGenerationMode": "QUALITY"}) == {"topK": 3,
+    assert validation.music_config({"topK": 3, "musicGenerationMode": "QUALITY"}) == {"topK": 3,
                                                                                  "musicGenerationMode": "QUALITY"}
-    assert lyria.parse_config(None) == {}
+    assert validation.music_config(None) == {}
 
 
 @pytest.mark.parametrize("cfg, param, words", [
@@ -109,13 +112,13 @@ def test_config_snake_and_camel_become_camel():
     ([1], "music_generation_config", "object"),
 ])
 def test_config_errors(cfg, param, words):
-    err = bad(lyria.parse_config, cfg)
+    err = bad(validation.music_config, cfg)
     assert err.param == param and words in err.message
 
 
 def test_wav_header():
     pcm = bytes(range(256)) * 750  # 48 000 frames
-    with wave.open(io.BytesIO(lyria.wav_bytes(pcm))) as w:
+    with wave.open(io.BytesIO(wav_bytes(MusicResult(pcm, 48000, 2, 2)))) as w:
         assert (w.getnchannels(), w.getframerate(), w.getsampwidth(), w.getnframes()) == (2, 48000, 2, 48000)
         assert w.readframes(48000) == pcm
 
@@ -149,7 +152,7 @@ def test_exact_length(upstream, seconds):
 
 def test_session_shape(fake, upstream):
     prompts = [{"text": "minimal techno", "weight": 1.0}, {"text": "piano", "weight": 0.5}]
-    config = lyria.parse_config({"bpm": 90, "mute_bass": True, "scale": "D_MAJOR_B_MINOR"})
+    config = validation.music_config({"bpm": 90, "mute_bass": True, "scale": "D_MAJOR_B_MINOR"})
     lyria.generate_music(upstream, "models/lyria-realtime-exp", prompts, config, 4)
     session = fake.sessions[-1]
     assert session["headers"]["x-goog-api-key"] == KEY and KEY not in session["path"]
@@ -170,7 +173,7 @@ def test_no_config_frame_when_empty(fake, upstream):
 
 
 def test_filtered_prompt(upstream):
-    with pytest.raises(ContentPolicy) as info:
+    with pytest.raises(ContentPolicyError) as info:
         run(upstream, "something [filter]")
     assert info.value.param == "prompt" and "filtered for safety" in info.value.message
 
@@ -188,13 +191,13 @@ def test_close_1011(upstream):
 
 def test_stall_times_out(upstream):
     start = time.monotonic()
-    with pytest.raises(UpstreamTimeout):
+    with pytest.raises(UpstreamTimeoutError):
         run(upstream, "ambient [stall]")
     assert time.monotonic() - start < 2
 
 
 def test_no_setup_times_out(upstream):
-    with pytest.raises(UpstreamTimeout) as info:
+    with pytest.raises(UpstreamTimeoutError) as info:
         run(upstream, model="lyria-realtime-exp[nosetup]")
     assert "setup" in info.value.message
 
@@ -281,7 +284,8 @@ print(json.dumps({{"single": single, "total": total, "sizes": [j.value for j in 
 
 
 def test_concurrent_calls_under_gevent(tmp_path):
-    """Five 4 s clips at once in a monkey-patched process take about as long as one (RUNTIME.md 4)."""
+    """Five 4 s clips at once in a monkey-patched process take about as long as one (docs/runtime.md,
+    "websockets sync client under gevent")."""
     script = tmp_path / "gevent_lyria.py"  # not concurrent.py: that would shadow the stdlib package
     script.write_text(textwrap.dedent(CONCURRENT.format(root=str(ROOT), env=ENV)))
     # The fake stays in this unpatched process, so only the gateway side runs on gevent.

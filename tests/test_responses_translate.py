@@ -18,8 +18,8 @@ from openai._models import construct_type
 from openai.types import responses as R
 from openai.types.responses import Response, ResponseStreamEvent
 
-from errors import InvalidRequest
-from providers.responses_chat import BadChatAnswer, StreamTranslator, Untranslatable, from_chat, sse, to_chat
+from errors import BadRequestError
+from providers.responses_chat import BadChatAnswerError, StreamTranslator, UntranslatableError, from_chat, sse, to_chat
 from tests.fake_responses import FakeResponses
 
 RID = "resp_abc123"
@@ -218,11 +218,11 @@ REFUSALS = [
 
 @pytest.mark.parametrize(("body", "param"), REFUSALS, ids=[p for _, p in REFUSALS])
 def test_untranslatable_fields_are_refused_naming_the_field(body: dict, param: str) -> None:
-    with pytest.raises(Untranslatable) as info:
+    with pytest.raises(UntranslatableError) as info:
         to_chat(body)
     err = info.value
     assert err.param == param
-    assert isinstance(err, ValueError) and isinstance(err, InvalidRequest) and err.status == 400
+    assert isinstance(err, ValueError) and isinstance(err, BadRequestError) and err.status == 400
     doc = err.body()["error"]
     assert doc["param"] == param and doc["type"] == "invalid_request_error"
     assert doc["code"] == "unsupported_parameter" and doc["message"]
@@ -323,7 +323,7 @@ def test_from_chat_json_schema_echo_parses() -> None:
 
 @pytest.mark.parametrize("doc", [{}, {"choices": []}, {"choices": ["x"]}, {"error": {"message": "boom"}}])
 def test_from_chat_without_choices_is_a_bad_answer(doc: dict) -> None:
-    with pytest.raises(BadChatAnswer):
+    with pytest.raises(BadChatAnswerError):
         from_chat(doc, {"model": "m", "input": "x"}, RID, 1)
 
 

@@ -18,11 +18,11 @@ import certifi
 import pytest
 
 import safefetch
-from errors import InvalidRequest
+from errors import BadRequestError
 from safefetch import (
     ByteBudget,
-    FetchBusy,
-    ImageRefused,
+    FetchBusyError,
+    ImageRefusedError,
     Lease,
     check_url,
     fetch_image,
@@ -53,9 +53,9 @@ def server() -> Iterator[ImageServer]:
         yield srv
 
 
-def refused(reason: str, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> ImageRefused:
-    """Call fn, expect an ImageRefused that is a 400 invalid_image_url whose message contains reason."""
-    with pytest.raises(ImageRefused) as info:
+def refused(reason: str, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> ImageRefusedError:
+    """Call fn, expect an ImageRefusedError that is a 400 invalid_image_url whose message contains reason."""
+    with pytest.raises(ImageRefusedError) as info:
         fn(*args, **kwargs)
     exc = info.value
     assert exc.status == 400 and exc.code == "invalid_image_url" and exc.type == "invalid_request_error"
@@ -440,13 +440,13 @@ GEVENT_SCRIPT = textwrap.dedent("""
     from tests.netguard import install
     off_box = []
     install(off_box.append)
-    from safefetch import ImageRefused, fetch_image
+    from safefetch import ImageRefusedError, fetch_image
     port = sys.argv[1]
 
     def outcome(host, path, **kw):
         try:
             return fetch_image(f"http://{host}:{port}{path}", allow_loopback=True, timeout=1, **kw)[1]
-        except ImageRefused as exc:
+        except ImageRefusedError as exc:
             return exc.message
 
     def slow_dns(host, port):
@@ -487,7 +487,7 @@ def test_budget_reserves_keeps_and_releases() -> None:
     budget.keep(a, 40, 10)  # a's fetch read 10 bytes: 30 come back at once
     assert (budget.used, a.reserved, a.kept) == (50, 10, 10)
     budget.reserve(a, 50, wait=0)
-    with pytest.raises(FetchBusy) as info:  # 100 in use: b must wait, and gives up at its deadline
+    with pytest.raises(FetchBusyError) as info:  # 100 in use: b must wait, and gives up at its deadline
         budget.reserve(b, 1, wait=0.2)
     assert info.value.status == 503 and info.value.headers == {"Retry-After": "1"}
     budget.release(a)
@@ -504,7 +504,7 @@ def test_budget_waiter_wakes_when_bytes_come_back() -> None:
     budget.reserve(holder, 100, wait=0)
     gevent.spawn_later(0.1, budget.release, holder)
     started = time.monotonic()
-    budget.reserve(waiter, 60, wait=5)  # would raise FetchBusy if the release never woke it
+    budget.reserve(waiter, 60, wait=5)  # would raise FetchBusyError if the release never woke it
     assert time.monotonic() - started < 4 and budget.used == 60
 
 
@@ -514,7 +514,7 @@ def test_budget_refuses_a_request_that_only_waits_for_itself() -> None:
     budget.reserve(lease, 60, wait=0)
     budget.keep(lease, 60, 60)
     started = time.monotonic()
-    with pytest.raises(InvalidRequest) as info:  # InvalidRequest: a 400, not a wait
+    with pytest.raises(BadRequestError) as info:  # BadRequestError: a 400, not a wait
         budget.reserve(lease, 50, wait=10)
     assert info.value.status == 400 and info.value.code == "images_too_large"
     assert time.monotonic() - started < 1

@@ -5,9 +5,9 @@ import json
 
 import pytest
 
+import validation
 from config import UpstreamConfig
-from errors import InvalidRequest, UpstreamError
-from providers import lyria
+from errors import BadRequestError, UpstreamError
 from providers.http import retry_after_seconds, scrub
 from providers.openai import SSEParser, scrub_error_event
 
@@ -160,13 +160,13 @@ def test_retry_after_seconds(value, expected):
 
 def test_huge_integers_in_music_fields_are_a_400():
     huge = 10**400
-    with pytest.raises(InvalidRequest) as exc:
-        lyria.parse_duration(huge, 8.0)
+    with pytest.raises(BadRequestError) as exc:
+        validation.music_seconds(huge, 8.0)
     assert exc.value.param == "duration_seconds"
     for name in ("bpm", "seed", "temperature", "density"):
-        with pytest.raises(InvalidRequest) as exc:
-            lyria.parse_config({name: huge})
+        with pytest.raises(BadRequestError) as exc:
+            validation.music_config({name: huge})
         assert exc.value.param == f"music_generation_config.{name}"
-    with pytest.raises(InvalidRequest):
-        lyria.parse_prompts({"weighted_prompts": [{"text": "jazz", "weight": huge}]})
-    assert lyria.parse_duration(10, 8.0) == 10.0 and lyria.parse_config({"bpm": 120}) == {"bpm": 120}
+    with pytest.raises(BadRequestError):
+        validation.music_prompts({"weighted_prompts": [{"text": "jazz", "weight": huge}]})
+    assert validation.music_seconds(10, 8.0) == 10.0 and validation.music_config({"bpm": 120}) == {"bpm": 120}
