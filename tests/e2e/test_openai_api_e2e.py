@@ -243,6 +243,7 @@ def test_transcription_duration_priced(gw, fakes, tmp_path):
     assert_charged(gw, key_id, cost, route="audio.transcriptions", model="whisper-1", units=3)
 
 
+@pytest.mark.filterwarnings("ignore:deprecated:DeprecationWarning")  # the SDK deprecates translations
 def test_transcription_formats_and_their_charges(gw, tmp_path):
     """srt is charged by its last cue's end (2.5 s), text (no usage, no duration) by the hold's size estimate."""
     key_id, secret = gw.create_key("10")
