@@ -335,3 +335,19 @@ def test_cors_preflight_and_headers(gw):
     other = requests.options(f"{gw.base_url}/chat/completions", timeout=5, headers={
         "Origin": "https://evil.example", "Access-Control-Request-Method": "POST"})
     assert other.status_code == 401 and "Access-Control-Allow-Origin" not in other.headers
+
+
+def test_transcription_large_upload_is_relayed_whole_and_the_cap_holds(gw, fakes):
+    """A 3 MB file (spooled to disk by Werkzeug) arrives byte for byte; a file past 25 MiB is 413 and costs nothing."""
+    key_id, secret = gw.create_key("10")
+    audio = wav_file(100.0)  # 3.2 MB
+    result = gw.client(secret).audio.transcriptions.create(model="whisper-1", file=("long.wav", audio))
+    assert result.text == TRANSCRIPT
+    assert fakes[0].requests[-1]["files"]["file"][2] == hashlib.sha256(audio).hexdigest()
+    assert_charged(gw, key_id, 100 * 100_000, route="audio.transcriptions", model="whisper-1", units=100)
+    other_id, other = gw.create_key("10")
+    too_big = requests.post(f"{gw.base_url}/audio/transcriptions", timeout=30,
+                            headers={"Authorization": f"Bearer {other}"}, data={"model": "whisper-1"},
+                            files={"file": ("big.wav", b"\0" * (25 * 1024 * 1024 + 1))})
+    assert too_big.status_code == 413 and too_big.json()["error"]["code"] == "request_too_large"
+    assert books(gw, other_id) == (START, [], [], 0)
