@@ -382,6 +382,8 @@ class OpenAIProvider:
                 raise parse_error(upstream, resp)
             finally:
                 resp.close()
+        # An upstream that ignored stream_format sent the audio itself: relayed as it is, and no usage comes.
+        decode = decode and "event-stream" in (resp.headers.get("Content-Type") or "")
         fmt = body.get("response_format") or "mp3"
         content_type = (AUDIO_TYPES.get(fmt, "application/octet-stream") if decode
                         else resp.headers.get("Content-Type") or "application/octet-stream")
