@@ -18,6 +18,7 @@ from flask import Flask
 import auth
 import cli
 import config as config_mod
+import cors
 import errors
 import ratelimit
 import routes
@@ -55,6 +56,7 @@ def create_app(cfg: config_mod.Config | None = None) -> Flask:
                                      else int(time.time()))
     tokens.set_cache_dir(os.path.join(os.path.dirname(cfg.server.database), ".tiktoken"))
     errors.register(app)
+    cors.register(app)  # before auth: a browser's preflight carries no key
     auth.register(app)  # before the limiter: bad keys never spend anyone's budget
     limiter = ratelimit.register(app)
     routes.register(app)

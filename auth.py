@@ -14,6 +14,10 @@ import db
 import keys
 from errors import AuthenticationError, PayloadTooLargeError
 
+# The audio upload routes and their body limit (routes/audio.py reads the same numbers).
+UPLOAD_PATHS = ("/v1/audio/transcriptions", "/v1/audio/translations")
+UPLOAD_BODY_BYTES = 26 * 1024 * 1024
+
 request_log = logging.getLogger("gateway.request")  # the logger billing.Ticket writes settled requests to
 
 
@@ -26,8 +30,11 @@ def authenticate() -> None:
     if request.path == "/health":
         return
     length = request.content_length
-    if length is not None and length > cfg.server.max_body_bytes:
-        raise PayloadTooLargeError(f"The request body is {length} bytes; the limit is {cfg.server.max_body_bytes}.")
+    limit = cfg.server.max_body_bytes
+    if request.path in UPLOAD_PATHS:  # audio uploads may be up to OpenAI's 25 MB whatever the JSON limit is
+        limit = max(limit, UPLOAD_BODY_BYTES)
+    if length is not None and length > limit:
+        raise PayloadTooLargeError(f"The request body is {length} bytes; the limit is {limit}.")
     header = request.headers.get("Authorization", "")
     if not header:
         raise AuthenticationError("You didn't provide an API key. Send it as 'Authorization: Bearer sk-...'.")

@@ -75,6 +75,11 @@ def read_usage(obj: Any) -> Usage | None:
     """
     if not isinstance(obj, dict):
         return None
+    if "input_tokens" in obj and "prompt_tokens" not in obj:
+        # The Responses API's usage (and the audio endpoints'): input/output tokens with their details.
+        obj = {"prompt_tokens": obj.get("input_tokens"), "completion_tokens": obj.get("output_tokens", 0),
+               "prompt_tokens_details": obj.get("input_tokens_details") or obj.get("input_token_details"),
+               "completion_tokens_details": obj.get("output_tokens_details")}
     if "promptTokenCount" in obj:  # Gemini: thoughts are billed as output on top of the candidates
         prompt = _tokens(obj.get("promptTokenCount"))
         candidates = _tokens(obj.get("candidatesTokenCount", 0))
@@ -419,6 +424,43 @@ def seconds_cost(model: ModelConfig, seconds: float) -> int:
     return int(exact.to_integral_value(rounding=ROUND_CEILING))
 
 
+def chars_cost(model: ModelConfig, chars: int) -> int:
+    """Characters at the model's price per million characters, rounded up to a whole nano-credit."""
+    return ceil_div(max(chars, 0) * model.char_npm, MILLION)
+
+
+def duration_cost(model: ModelConfig, seconds: float) -> int:
+    """Seconds of audio at per_second plus per_minute / 60, exact decimal math, rounded up to a nano-credit."""
+    exact = Decimal(str(max(seconds, 0))) * (model.second_nano + Decimal(model.minute_nano) / 60)
+    return int(exact.to_integral_value(rounding=ROUND_CEILING))
+
+
+def token_priced(model: ModelConfig) -> bool:
+    return bool(model.input_npm or model.output_npm)
+
+
+def duration_priced(model: ModelConfig) -> bool:
+    return bool(model.second_nano or model.minute_nano)
+
+
+# A transcription is held for before its duration is known, from the file's size: at least this many bytes per
+# second (16 kbit/s, below what speech codecs are used at), so the hold is rarely under the real length.
+AUDIO_BYTES_PER_SECOND = 2000
+# Token-priced transcription holds: audio input tokens and transcript tokens per second of that estimate
+# (OpenAI's audio models read about 10 tokens a second; speech is about 3 words a second).
+AUDIO_TOKENS_PER_SECOND = 10
+TRANSCRIPT_TOKENS_PER_SECOND = 4
+
+
+def transcription_hold(model: ModelConfig, file_bytes: int) -> tuple[int, float]:
+    """(nano-credits to hold, estimated seconds) for an audio file of file_bytes bytes."""
+    seconds = max(1, ceil_div(file_bytes, AUDIO_BYTES_PER_SECOND))
+    cost = duration_cost(model, seconds)
+    if token_priced(model):
+        cost += token_cost(model, seconds * AUDIO_TOKENS_PER_SECOND, seconds * TRANSCRIPT_TOKENS_PER_SECOND)
+    return cost, float(seconds)
+
+
 def bridge_call_hold(bridge: ModelConfig, prompt_tokens: int, max_tokens: int) -> int:
     """Nano-credits held per vision bridge call: its prompt estimate and its full output cap."""
     return token_cost(bridge, prompt_tokens, max_tokens)
@@ -496,6 +538,10 @@ class Ticket:
     def hold_images(self, model: ModelConfig, n: int) -> None:
         self.take_hold(fixed(images_cost(model, n), f"{n} image(s) from {model.id}", "ask for fewer images (n)"))
 
+    def hold_fixed(self, amount: int, what: str, hint: str) -> None:
+        """Hold a known amount, or 402 saying what the key has and what `what` needs."""
+        self.take_hold(fixed(amount, what, hint))
+
     def hold_seconds(self, model: ModelConfig, seconds: float, shown: int | float) -> None:
         self.take_hold(fixed(seconds_cost(model, seconds), f"{shown} s of music from {model.id}",
                              "ask for a shorter duration_seconds"))
@@ -521,6 +567,12 @@ class Ticket:
 
     def add_images(self, model: ModelConfig, count: int) -> Charge:
         return self.add(images_cost(model, count), 200, units=count)
+
+    def add_chars(self, model: ModelConfig, chars: int) -> Charge:
+        return self.add(chars_cost(model, chars), 200, units=chars)
+
+    def add_duration(self, model: ModelConfig, seconds: float, *, estimated: bool = False) -> Charge:
+        return self.add(duration_cost(model, seconds), 200, units=seconds, estimated=estimated)
 
     def add_seconds(self, model: ModelConfig, seconds: float) -> Charge:
         return self.add(seconds_cost(model, seconds), 200, units=seconds)

@@ -15,7 +15,7 @@ from errors import BadRequestError, ConfigError, ModelNotFoundError
 from providers import KINDS
 
 # What can serve what, as each provider declares it (providers/__init__.py imports no provider here).
-MODEL_MODES = ("chat", "image", "music")
+MODEL_MODES = ("chat", "image", "music", "embedding", "speech", "transcription", "moderation")
 MODE_KINDS = {mode: tuple(k for k, kind in KINDS.items() if mode in kind.modes) for mode in MODEL_MODES}
 UPSTREAM_KINDS = tuple(KINDS)
 URL_SCHEMES = {k: kind.schemes for k, kind in KINDS.items()}
@@ -50,6 +50,8 @@ class ServerConfig:
     # The longest a request can hold credits; `flask audit` lists holds older than this. Never shorter than the
     # longest upstream timeout. Age alone returns no hold: only the death of the process that took it does.
     hold_ttl_seconds: int = 3600
+    # Origins (scheme://host[:port], or "*") whose browser pages may call the gateway; empty means no CORS at all.
+    cors_origins: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -83,6 +85,9 @@ class UpstreamConfig:
     # Unset: connect_timeout_seconds + timeout_seconds + 30, i.e. time to connect, to think, and 30 s to send.
     # A stream that has started is bounded by timeout_seconds per read only, so a long healthy stream is not cut.
     total_timeout_seconds: float | None = None
+    # The upstream serves POST /responses itself (OpenAI does): Responses requests are relayed as they are.
+    # False: they are translated to chat completions (Gemini's OpenAI endpoint, local servers).
+    responses_api: bool = False
 
     def api_key(self) -> str | None:
         """The upstream key from the environment, or None when it is not set."""
@@ -106,6 +111,8 @@ class ModelConfig:
     cached_input_price: Decimal | None = None  # per million prompt tokens served from the upstream's cache
     per_image: Decimal = Decimal(0)     # credits per image
     per_second: Decimal = Decimal(0)    # credits per second of audio
+    per_minute: Decimal = Decimal(0)    # credits per minute of audio (transcription: whisper-1 is priced so)
+    per_million_characters: Decimal = Decimal(0)  # credits per million input characters (speech: tts-1)
     vision: bool = False
     max_output_tokens: int = 4096
 
@@ -115,10 +122,13 @@ class ModelConfig:
     cached_npm: int = field(init=False, repr=False)  # the input price when no cached price is set
     image_nano: int = field(init=False, repr=False)
     second_nano: int = field(init=False, repr=False)
+    minute_nano: int = field(init=False, repr=False)
+    char_npm: int = field(init=False, repr=False)  # per million characters
 
     def __post_init__(self) -> None:
         for name, price in (("input_npm", self.input_price), ("output_npm", self.output_price),
-                            ("image_nano", self.per_image), ("second_nano", self.per_second)):
+                            ("image_nano", self.per_image), ("second_nano", self.per_second),
+                            ("minute_nano", self.per_minute), ("char_npm", self.per_million_characters)):
             object.__setattr__(self, name, int(price * NANO))  # exact: config allows at most 9 decimals
         cached = self.input_price if self.cached_input_price is None else self.cached_input_price
         object.__setattr__(self, "cached_npm", int(cached * NANO))
@@ -179,6 +189,11 @@ def _typed(where: str, value: Any, default: Any, annotation: str) -> Any:
     """Check one value against its dataclass field's type and range, converting ints and decimals as TOML gives
     them. TOML floats arrive as Decimal, which includes inf and nan: those are refused before any comparison."""
     name = where.rsplit(".", 1)[-1]
+    if annotation.startswith("tuple"):  # cors_origins, the one list setting
+        if not isinstance(value, list) or not all(isinstance(v, str) and _origin_ok(v) for v in value):
+            raise ConfigError(f"{where} must be a list of origins such as [\"https://app.example.com\"] (scheme, "
+                              f"host and optional port, no path) or [\"*\"], not {value!r}.")
+        return tuple(v.rstrip("/") for v in value)
     if "Decimal" in annotation:
         if isinstance(value, bool) or not isinstance(value, (int, Decimal)):
             raise ConfigError(f"{where} must be a number such as 0.4, not {value!r}.")
@@ -211,6 +226,17 @@ def _typed(where: str, value: Any, default: Any, annotation: str) -> Any:
     if not isinstance(value, str) or (not value and "None" not in annotation):
         raise ConfigError(f"{where} must be a non-empty string, not {value!r}.")
     return value
+
+
+def _origin_ok(origin: str) -> bool:
+    if origin == "*":
+        return True
+    try:
+        parts = urlsplit(origin.rstrip("/"))
+        parts.port  # noqa: B018 -- raises ValueError for a bad port
+    except ValueError:
+        return False
+    return parts.scheme in ("http", "https") and bool(parts.hostname) and not parts.path and not parts.query
 
 
 def _build(cls: type, where: str, raw: Any, **given: Any) -> Any:

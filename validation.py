@@ -340,3 +340,168 @@ def music_request(body: dict, default_seconds: float) -> MusicRequest:
                         seconds=music_seconds(body.get("duration_seconds"), default_seconds),
                         config=music_config(body.get("music_generation_config")),
                         response_format=one_of(body, "response_format", AUDIO_FORMATS, "pcm") or "pcm")
+
+
+# --- /v1/responses ------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class ResponsesRequest:
+    body: dict
+    model: str
+    stream: bool
+    client_cap: int | None  # max_output_tokens
+
+
+def responses_request(body: dict) -> ResponsesRequest:
+    model = require(body, "model")
+    items = require(body, "input")
+    if not isinstance(items, (str, list)) or (isinstance(items, list) and not items):
+        raise invalid("input", "a string or a non-empty array of input items", show=False, code=INVALID_TYPE)
+    if isinstance(items, list):
+        for i, item in enumerate(items):
+            if not isinstance(item, dict):
+                raise invalid(f"input[{i}]", "an object", show=False, code=INVALID_TYPE)
+    if body.get("instructions") is not None and not isinstance(body["instructions"], str):
+        raise invalid("instructions", "a string", body["instructions"], code=INVALID_TYPE)
+    if body.get("tools") is not None and not isinstance(body["tools"], list):
+        raise invalid("tools", "an array", show=False, code=INVALID_TYPE)
+    stream = bool(optional_bool(body, "stream"))
+    cap = optional_int(body, "max_output_tokens", 1)
+    return ResponsesRequest(body=body, model=model, stream=stream, client_cap=cap)
+
+
+# --- /v1/embeddings -----------------------------------------------------------------------------------------
+
+MAX_EMBEDDING_INPUTS = 2048
+
+
+@dataclass(frozen=True)
+class EmbeddingsRequest:
+    body: dict
+    model: str
+    texts: list[str]  # the inputs given as text, counted for the hold
+    tokens: int  # the inputs given as token arrays: their length is their count
+
+
+def _token_array(value: Any) -> bool:
+    return isinstance(value, list) and bool(value) and all(
+        isinstance(t, int) and not isinstance(t, bool) and 0 <= t < 2**32 for t in value)
+
+
+def embeddings_request(body: dict) -> EmbeddingsRequest:
+    model = require(body, "model")
+    value = require(body, "input")
+    what = "a string, an array of strings, an array of token integers or an array of token arrays"
+    texts: list[str] = []
+    count = 0
+    if isinstance(value, str):
+        texts = [value]
+    elif _token_array(value):
+        count = len(value)
+    elif isinstance(value, list) and value and len(value) <= MAX_EMBEDDING_INPUTS:
+        for i, item in enumerate(value):
+            if isinstance(item, str):
+                texts.append(item)
+            elif _token_array(item):
+                count += len(item)
+            else:
+                raise invalid(f"input[{i}]", "a string or a non-empty array of token integers", show=False,
+                              code=INVALID_TYPE)
+    else:
+        raise invalid("input", f"{what} (at most {MAX_EMBEDDING_INPUTS} items)", show=False, code=INVALID_TYPE)
+    if any(not t for t in texts):
+        raise invalid("input", "non-empty strings", show=False)
+    one_of(body, "encoding_format", ("float", "base64"))
+    optional_int(body, "dimensions", 1, 100_000)
+    return EmbeddingsRequest(body=body, model=model, texts=texts, tokens=count)
+
+
+# --- /v1/audio/speech ---------------------------------------------------------------------------------------
+
+SPEECH_FORMATS = ("mp3", "opus", "aac", "flac", "wav", "pcm")
+MAX_SPEECH_CHARS = 4096
+
+
+@dataclass(frozen=True)
+class SpeechRequest:
+    body: dict
+    model: str
+    text: str
+
+
+def speech_request(body: dict) -> SpeechRequest:
+    model = require(body, "model")
+    text = require_text(body, "input")
+    if len(text) > MAX_SPEECH_CHARS:
+        raise invalid("input", f"at most {MAX_SPEECH_CHARS} characters", show=False)
+    voice = require(body, "voice")
+    if not (isinstance(voice, str) and voice) and not (isinstance(voice, dict) and isinstance(voice.get("id"), str)):
+        raise invalid("voice", "a voice name or an object with an 'id'", voice)
+    one_of(body, "response_format", SPEECH_FORMATS)
+    one_of(body, "stream_format", ("audio", "sse"))
+    speed = body.get("speed")
+    if speed is not None and (not is_number(speed) or not 0.25 <= speed <= 4.0):
+        raise invalid("speed", "a number from 0.25 to 4.0", speed)
+    if body.get("instructions") is not None and not isinstance(body["instructions"], str):
+        raise invalid("instructions", "a string", body["instructions"], code=INVALID_TYPE)
+    return SpeechRequest(body=body, model=model, text=text)
+
+
+# --- /v1/audio/transcriptions and /translations (multipart) ---------------------------------------------------
+
+TRANSCRIPTION_FORMATS = ("json", "text", "srt", "vtt", "verbose_json", "diarized_json")
+MAX_AUDIO_FILE_BYTES = 25 * 1024 * 1024  # OpenAI's limit per file
+
+
+@dataclass(frozen=True)
+class TranscriptionRequest:
+    model: str
+    fields: list[tuple[str, str]]  # every form field but file and model, in order, passed on as they came
+    response_format: str
+
+
+def transcription_request(form: Any) -> TranscriptionRequest:
+    """form is the request's MultiDict of text fields."""
+    model = form.get("model")
+    if not model:
+        raise missing("model")
+    fmt = form.get("response_format") or "json"
+    if fmt not in TRANSCRIPTION_FORMATS:
+        raise invalid("response_format", f"one of {', '.join(TRANSCRIPTION_FORMATS)}", fmt)
+    if form.get("stream") not in (None, "", "false", "False"):
+        raise BadRequestError("Streamed transcriptions are not supported by this gateway; leave 'stream' unset.",
+                              param="stream", code=UNSUPPORTED)
+    fields = [(k, v) for k, v in form.items(multi=True) if k not in ("model", "file", "stream")]
+    return TranscriptionRequest(model=model, fields=fields, response_format=fmt)
+
+
+# --- /v1/moderations ------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class ModerationRequest:
+    body: dict
+    model: str | None
+    texts: list[str]
+
+
+def moderation_request(body: dict) -> ModerationRequest:
+    value = require(body, "input")
+    texts: list[str] = []
+    items = value if isinstance(value, list) else [value]
+    if isinstance(value, list) and not value:
+        raise invalid("input", "a string, an array of strings or an array of input objects", show=False,
+                      code=INVALID_TYPE)
+    for i, item in enumerate(items):
+        where = f"input[{i}]" if isinstance(value, list) else "input"
+        if isinstance(item, str):
+            texts.append(item)
+        elif isinstance(item, dict) and item.get("type") == "text" and isinstance(item.get("text"), str):
+            texts.append(item["text"])
+        elif isinstance(item, dict) and item.get("type") == "image_url":
+            continue
+        else:
+            raise invalid(where, "a string or a text or image_url input object", show=False, code=INVALID_TYPE)
+    model = body.get("model")
+    if model is not None and not isinstance(model, str):
+        raise invalid("model", "a string", model, code=INVALID_TYPE)
+    return ModerationRequest(body=body, model=model, texts=texts)

@@ -22,7 +22,8 @@ class Kind:
 
 
 KINDS: dict[str, Kind] = {
-    "openai": Kind("providers.openai", ("chat", "image"), ("http", "https")),
+    "openai": Kind("providers.openai", ("chat", "image", "embedding", "speech", "transcription", "moderation"),
+                   ("http", "https")),
     "gemini": Kind("providers.gemini", ("image",), ("http", "https")),
     "lyria": Kind("providers.lyria", ("music",), ("ws", "wss")),
 }

@@ -175,7 +175,8 @@ def post(upstream: UpstreamConfig, url: str, payload: Any, headers: dict[str, st
     stream (iter_events holds the first byte to the same deadline). A plain answer is read in chunks and is a 502
     past upstream.max_response_bytes, so no upstream can make the gateway buffer without bound.
     """
-    data = payload if isinstance(payload, bytes) else json.dumps(payload).encode()
+    # bytes, or an iterator of bytes (a multipart upload streamed from its spool file) sent as they come
+    data = payload if isinstance(payload, (bytes, Iterator)) else json.dumps(payload).encode()
     limit = urllib3.Timeout(connect=upstream.connect_timeout_seconds, read=timeout or upstream.timeout_seconds)
     at = time.monotonic() + upstream.deadline_seconds()
     with deadline(upstream, at):

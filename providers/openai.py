@@ -5,13 +5,25 @@ answer out, its SSE stream parsed into ChatEvents. Nothing here knows of Flask, 
 """
 from __future__ import annotations
 
+import base64
 import json
+import os
+import time
 from collections.abc import Iterator
 from typing import Any
 
 from config import ModelConfig, UpstreamConfig
 from errors import GatewayError, UpstreamError, UpstreamTimeoutError
-from providers.base import ChatEvent, ChatResult, ImageResult
+from providers import responses_chat
+from providers.base import (
+    ChatEvent,
+    ChatResult,
+    ImageResult,
+    ResponsesEvent,
+    ResponsesResult,
+    SpeechResult,
+    TranscriptionResult,
+)
 from providers.http import (
     READ_SIZE,
     Reply,
@@ -148,7 +160,7 @@ class SSEParser:
         # Comments (":...") and other fields (event:, id:, retry:) carry nothing the relay uses.
 
 
-def iter_events(upstream: UpstreamConfig, resp: Reply) -> Iterator[bytes]:
+def iter_events(upstream: UpstreamConfig, resp: Reply, eof_ends: bool = False) -> Iterator[bytes]:
     """The `data:` payloads of an SSE stream as they arrive, ending at `[DONE]` (not yielded).
 
     Reads with read1 so events arrive as sent even from upstreams that do not use chunked encoding.
@@ -175,6 +187,8 @@ def iter_events(upstream: UpstreamConfig, resp: Reply) -> Iterator[bytes]:
                 raise UpstreamTimeoutError(f"The upstream '{upstream.name}' stopped sending.") from None
             raise UpstreamError(f"The upstream '{upstream.name}' broke off the stream.") from None
         if not chunk:
+            if eof_ends:  # streams without [DONE] (Responses, speech): the caller knows its last event
+                return
             raise UpstreamError(f"The upstream '{upstream.name}' ended the stream before it was complete.")
         for data in parser.feed(chunk):
             if data == b"[DONE]":
@@ -304,6 +318,265 @@ class OpenAIProvider:
         if not isinstance(doc.get("data"), list):
             raise UpstreamError(f"The upstream '{upstream.name}' answered without 'data'.")
         return ImageResult(doc=doc, count=len(doc["data"]))
+
+
+    # --- The Responses API: relayed to upstreams that serve it, translated to chat for the others -------------
+
+    def check_responses(self, upstream: UpstreamConfig, body: dict) -> None:
+        if not upstream.responses_api:
+            responses_chat.to_chat(body)  # raises UntranslatableError (400) naming the field
+
+    def _chat_body(self, upstream: UpstreamConfig, body: dict) -> dict:
+        chat = responses_chat.to_chat(body)
+        cap = chat.pop("max_tokens", None)
+        if cap is not None:
+            chat[upstream.max_tokens_field] = cap
+        return chat
+
+    def responses(self, upstream: UpstreamConfig, body: dict) -> ResponsesResult:
+        if upstream.responses_api:
+            doc = call(upstream, "responses", body)
+            if not isinstance(doc.get("output"), list):
+                raise UpstreamError(f"The upstream '{upstream.name}' answered without 'output'.")
+            return ResponsesResult(doc=doc, usage_report=doc.get("usage"), texts=[output_text(doc["output"])])
+        result = self.chat(upstream, "chat", self._chat_body(upstream, body))
+        try:
+            doc = responses_chat.from_chat(result.doc, body, new_response_id(), int(time.time()))
+        except responses_chat.BadChatAnswerError:
+            raise UpstreamError(f"The upstream '{upstream.name}' answered without a choice.") from None
+        return ResponsesResult(doc=doc, usage_report=result.usage_report, texts=result.texts)
+
+    def responses_stream(self, upstream: UpstreamConfig, body: dict) -> NativeResponsesStream | ChatResponsesStream:
+        if upstream.responses_api:
+            resp = open_stream(upstream, "responses", {**body, "stream": True})
+            return NativeResponsesStream(upstream, resp)
+        chat = self._chat_body(upstream, {**body, "stream": True})
+        return ChatResponsesStream(body, self.chat_stream(upstream, "chat", chat))
+
+    # --- Embeddings, moderations, speech, transcription -----------------------------------------------------
+
+    def embeddings(self, upstream: UpstreamConfig, body: dict) -> dict:
+        doc = call(upstream, "embeddings", body)
+        if not isinstance(doc.get("data"), list):
+            raise UpstreamError(f"The upstream '{upstream.name}' answered without 'data'.")
+        return doc
+
+    def moderations(self, upstream: UpstreamConfig, body: dict) -> dict:
+        doc = call(upstream, "moderations", body)
+        if not isinstance(doc.get("results"), list):
+            raise UpstreamError(f"The upstream '{upstream.name}' answered without 'results'.")
+        return doc
+
+    def speech(self, upstream: UpstreamConfig, model: ModelConfig, body: dict, want_usage: bool) -> SpeechResult:
+        """Raw audio relayed as it arrives. With want_usage and a client that asked for raw audio, the upstream is
+        asked for its SSE form (OpenAI's stream_format "sse", whose speech.audio.done carries usage) and the
+        audio is decoded back to bytes here; a client that asked for SSE gets the events as they are."""
+        client_sse = body.get("stream_format") == "sse"
+        decode = want_usage and not client_sse
+        up_body = {**body, "stream_format": "sse"} if decode else body
+        headers = {**_headers(upstream), "Accept-Encoding": "identity"}
+        resp = post(upstream, _url(upstream, "audio/speech"), up_body, headers, stream=True)
+        if resp.status_code != 200:
+            try:
+                resp.load(upstream)
+                raise parse_error(upstream, resp)
+            finally:
+                resp.close()
+        # An upstream that ignored stream_format sent the audio itself: relayed as it is, and no usage comes.
+        decode = decode and "event-stream" in (resp.headers.get("Content-Type") or "")
+        fmt = body.get("response_format") or "mp3"
+        content_type = (AUDIO_TYPES.get(fmt, "application/octet-stream") if decode
+                        else resp.headers.get("Content-Type") or "application/octet-stream")
+        result = SpeechResult(content_type=content_type, chunks=None, close=resp.close)
+
+        def raw() -> Iterator[bytes]:
+            parser = SSEParser(upstream.name, upstream.max_event_bytes) if client_sse else None
+            while True:
+                try:
+                    chunk = resp.raw.read1(READ_SIZE)
+                except Exception:
+                    raise UpstreamError(f"The upstream '{upstream.name}' broke off the audio.") from None
+                if not chunk:
+                    resp.finish()
+                    return
+                for data in parser.feed(chunk) if parser else ():
+                    _note_speech_usage(result, data)
+                yield chunk
+
+        def decoded() -> Iterator[bytes]:
+            for data in iter_events(upstream, resp, eof_ends=True):
+                event = _note_speech_usage(result, data)
+                audio = event.get("audio") if event.get("type") == "speech.audio.delta" else None
+                if isinstance(audio, str) and audio:
+                    try:
+                        yield base64.b64decode(audio, validate=True)
+                    except ValueError:
+                        raise UpstreamError(f"The upstream '{upstream.name}' sent audio that is not base64.") \
+                            from None
+            resp.finish()
+
+        result.chunks = decoded if decode else raw
+        return result
+
+    def transcription(self, upstream: UpstreamConfig, route: str, fields: list[tuple[str, str]], filename: str,
+                      content_type: str, file: Any, size: int) -> TranscriptionResult:
+        boundary = "gateway" + os.urandom(16).hex()
+        head = b"".join(
+            f'--{boundary}\r\nContent-Disposition: form-data; name="{_quote(name)}"\r\n\r\n{value}\r\n'.encode()
+            for name, value in fields)
+        head += (f'--{boundary}\r\nContent-Disposition: form-data; name="file"; filename="{_quote(filename)}"\r\n'
+                 f"Content-Type: {content_type}\r\n\r\n").encode()
+        tail = f"\r\n--{boundary}--\r\n".encode()
+
+        def body() -> Iterator[bytes]:
+            yield head
+            file.seek(0)
+            while block := file.read(READ_SIZE):
+                yield block
+            yield tail
+
+        headers = {**_headers(upstream), "Content-Type": f"multipart/form-data; boundary={boundary}",
+                   "Content-Length": str(len(head) + size + len(tail))}
+        resp = post(upstream, _url(upstream, f"audio/{route}"), body(), headers)
+        try:
+            if resp.status_code != 200:
+                raise parse_error(upstream, resp)
+            kind = resp.headers.get("Content-Type") or "application/json"
+            doc = None
+            if "json" in kind:
+                try:
+                    doc = json.loads(resp.content)
+                except ValueError:
+                    raise UpstreamError(f"The upstream '{upstream.name}' sent JSON that does not parse.") from None
+                if not isinstance(doc, dict):
+                    raise UpstreamError(f"The upstream '{upstream.name}' sent an answer that is not a JSON object.")
+            return TranscriptionResult(body=resp.content, content_type=kind, doc=doc)
+        finally:
+            resp.close()
+
+
+AUDIO_TYPES = {"mp3": "audio/mpeg", "opus": "audio/opus", "aac": "audio/aac", "flac": "audio/flac",
+               "wav": "audio/wav", "pcm": "audio/pcm"}
+_TERMINAL = ("response.completed", "response.incomplete", "response.failed")
+
+
+def _quote(text: str) -> str:
+    """A multipart header parameter: quotes and line breaks would end it early."""
+    return text.replace("\\", "\\\\").replace('"', "%22").replace("\r", "%0D").replace("\n", "%0A")
+
+
+def _note_speech_usage(result: SpeechResult, data: bytes) -> dict:
+    try:
+        event = json.loads(data)
+    except ValueError:
+        return {}
+    if not isinstance(event, dict):
+        return {}
+    if event.get("type") == "speech.audio.done" and isinstance(event.get("usage"), dict):
+        result.usage_report = event["usage"]
+    return event
+
+
+def new_response_id() -> str:
+    return "resp_" + os.urandom(24).hex()
+
+
+def output_text(output: list) -> str:
+    """The text and call arguments of a Response's output items, for counting when no usage is believable."""
+    parts = []
+    for item in output:
+        if not isinstance(item, dict):
+            continue
+        if item.get("type") == "function_call":
+            parts.append(str(item.get("name") or "") + str(item.get("arguments") or ""))
+        for part in item.get("content") or [] if isinstance(item.get("content"), list) else []:
+            if isinstance(part, dict):
+                parts.append(str(part.get("text") or part.get("refusal") or ""))
+    return "".join(parts)
+
+
+def _event_texts(doc: dict) -> dict[int, str]:
+    if doc.get("type") in ("response.output_text.delta", "response.refusal.delta",
+                           "response.function_call_arguments.delta") and isinstance(doc.get("delta"), str):
+        return {0: doc["delta"]}
+    return {}
+
+
+def _responses_event(doc: dict, data: bytes) -> ResponsesEvent:
+    kind = doc.get("type")
+    terminal = kind in _TERMINAL
+    usage = None
+    if terminal and isinstance(doc.get("response"), dict):
+        usage = doc["response"].get("usage")
+    frame = b"event: " + str(kind).encode() + b"\ndata: " + data + b"\n\n"
+    return ResponsesEvent(data=frame, doc=doc, usage_report=usage, texts=_event_texts(doc), terminal=terminal)
+
+
+class NativeResponsesStream:
+    """An upstream's own Responses stream: every event relayed as it came, until its terminal event."""
+
+    def __init__(self, upstream: UpstreamConfig, resp: Reply) -> None:
+        self.upstream, self.resp = upstream, resp
+        self.seq = 0
+
+    def events(self) -> Iterator[ResponsesEvent]:
+        for data in iter_events(self.upstream, self.resp, eof_ends=True):
+            try:
+                doc = json.loads(data)
+            except ValueError:
+                doc = None
+            if not isinstance(doc, dict) or not isinstance(doc.get("type"), str):
+                raise UpstreamError(f"The upstream '{self.upstream.name}' sent an event that is not a typed object.")
+            if doc["type"] == "error":
+                raise UpstreamError(str(doc.get("message") or "The upstream failed mid-stream."))
+            if isinstance(doc.get("sequence_number"), int):
+                self.seq = doc["sequence_number"] + 1
+            event = _responses_event(doc, data)
+            yield event
+            if event.terminal:
+                return
+        raise UpstreamError(f"The upstream '{self.upstream.name}' ended the stream before it was complete.")
+
+    def finish(self) -> None:
+        self.resp.finish()
+
+    def close(self) -> None:
+        self.resp.close()
+
+    def failed(self, exc: GatewayError) -> bytes:
+        # The Responses API's own mid-stream error event; the SDKs raise it as an APIError.
+        doc = {"type": "error", "code": exc.code or exc.type, "message": exc.message, "param": exc.param,
+               "sequence_number": self.seq}
+        return b"event: error\ndata: " + json.dumps(doc).encode() + b"\n\n"
+
+
+class ChatResponsesStream:
+    """A chat completions stream turned into typed Responses events by responses_chat.StreamTranslator."""
+
+    def __init__(self, request: dict, chat: _Stream) -> None:
+        self.chat = chat
+        self.translator = responses_chat.StreamTranslator(request, new_response_id(), int(time.time()))
+
+    def _out(self, events: list[dict]) -> Iterator[ResponsesEvent]:
+        for event in events:
+            yield _responses_event(event, json.dumps(event, separators=(",", ":")).encode())
+
+    def events(self) -> Iterator[ResponsesEvent]:
+        yield from self._out(self.translator.start())
+        for chunk in self.chat.events():
+            yield from self._out(self.translator.feed(chunk.doc))
+            if self.translator.done:
+                return
+        yield from self._out(self.translator.finish(int(time.time())))
+
+    def finish(self) -> None:
+        self.chat.finish()
+
+    def close(self) -> None:
+        self.chat.close()
+
+    def failed(self, exc: GatewayError) -> bytes:
+        return b"".join(e.data for e in self._out(self.translator.fail(exc.message)))
 
 
 PROVIDER = OpenAIProvider()

@@ -89,7 +89,7 @@ def json_body() -> dict:
 
 
 def register(app: Flask) -> None:
-    from routes import chat, images, models, music
+    from routes import audio, chat, embeddings, images, models, moderations, music, responses
 
-    for module in (models, chat, images, music):
+    for module in (models, chat, responses, embeddings, images, music, audio, moderations):
         app.register_blueprint(module.bp)

@@ -23,8 +23,10 @@ def model_object(model: ModelConfig) -> dict:
             "owned_by": cfg.server.owner, "mode": model.mode,
             "pricing": {"input_per_million_tokens": float(model.input_price),
                         "output_per_million_tokens": float(model.output_price),
-                        "per_image": float(model.per_image), "per_second": float(model.per_second)},
-            "capabilities": {"vision": model.vision, "streaming": model.mode == "chat"},
+                        "per_image": float(model.per_image), "per_second": float(model.per_second),
+                        "per_minute": float(model.per_minute),
+                        "per_million_characters": float(model.per_million_characters)},
+            "capabilities": {"vision": model.vision, "streaming": model.mode in ("chat", "speech")},
             "max_output_tokens": model.max_output_tokens}
 
 

@@ -120,7 +120,7 @@ class Relay:
                     self._note(sent)
                     self._settle(200)
                     status = 200
-                    yield b"".join(batch) + (self._usage_chunk() if self.client_usage else b"") + b"data: [DONE]\n\n"
+                    yield b"".join(batch) + self._end()
                     break
                 if batch:
                     yield b"".join(batch)
@@ -130,12 +130,20 @@ class Relay:
         except GatewayError as exc:
             status = exc.status
             self._settle(status)  # what was delivered is charged; the client still gets the error
-            tail = self._usage_chunk() if self.client_usage else b""
-            yield tail + b"data: " + json.dumps(exc.body(), separators=(",", ":")).encode() + b"\n\n"
+            yield self._failed(exc)
         finally:
             reader.kill(block=True, timeout=2)
             self.stream.close()
             self._settle(status)
+
+    def _end(self) -> bytes:
+        """What follows the last event of a stream that ended well (after settlement)."""
+        return (self._usage_chunk() if self.client_usage else b"") + b"data: [DONE]\n\n"
+
+    def _failed(self, exc: GatewayError) -> bytes:
+        """What ends a stream that failed (after settlement): the usage chunk if asked for, then the error."""
+        tail = self._usage_chunk() if self.client_usage else b""
+        return tail + b"data: " + json.dumps(exc.body(), separators=(",", ":")).encode() + b"\n\n"
 
     def _note(self, sent: list[dict[int, str]]) -> None:
         for texts in sent:

@@ -1,0 +1,109 @@
+"""POST /v1/responses: validate, refuse what the upstream cannot do, hold tokens, call the provider, settle.
+
+Upstreams with `responses_api = true` get the request relayed (their typed events passed through as they
+arrive); the others get it translated to chat completions by the provider (providers/responses_chat.py). Either
+way the hold is chat's (the prompt estimate, max_output_tokens as the one cap sent upstream) and the charge is
+the final Response's usage, or what was delivered when the stream broke or no usage was believable.
+"""
+from __future__ import annotations
+
+import json
+from functools import partial
+from typing import Any
+
+from flask import Blueprint, Response, current_app
+
+import billing
+import providers
+import routes
+import tokens
+import validation
+from errors import GatewayError
+from providers.base import ResponsesEvent
+from providers.http import require_key
+from routes.relay import Relay
+
+bp = Blueprint("responses", __name__)
+
+
+@bp.post("/v1/responses")
+def create_response() -> Response:
+    req = validation.responses_request(routes.json_body())
+    return handle(routes.ticket("responses"), req, current_app.config["GATEWAY"].server.heartbeat_seconds)
+
+
+def _strings(value: Any, out: list[str]) -> None:
+    """The text a client sent in input items (texts, call arguments and outputs), not the JSON around it."""
+    stack = [value]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, str):
+            out.append(item)
+        elif isinstance(item, list):
+            stack.extend(item)
+        elif isinstance(item, dict):
+            stack.extend(v for k, v in item.items()
+                         if k in ("content", "text", "arguments", "output", "name") or isinstance(v, (list, dict)))
+
+
+def prompt_text(body: dict) -> str:
+    """What the prompt's tokens are estimated (and, without a usage report, counted) from: instructions, the
+    input's text and the tools' JSON."""
+    parts: list[str] = []
+    if isinstance(body.get("instructions"), str):
+        parts.append(body["instructions"])
+    _strings(body.get("input"), parts)
+    if body.get("tools"):
+        parts.append(json.dumps(body["tools"], ensure_ascii=False))
+    return "\n".join(parts)
+
+
+def handle(ticket: billing.Ticket, req: validation.ResponsesRequest, heartbeat: float) -> Response:
+    model, upstream = ticket.cfg.model_for(req.model, "chat")
+    require_key(upstream)  # a missing upstream key is a 502 before any credit moves
+    ticket.model = model.id
+    provider = providers.for_upstream(upstream)
+    up_body = dict(req.body)
+    up_body["model"] = model.upstream_model
+    provider.check_responses(upstream, up_body)  # an untranslatable field is a 400 before any credit moves
+    text = prompt_text(req.body)
+    exact_prompt = partial(tokens.count, text)
+    out_cap = ticket.hold_tokens(model, tokens.estimate(text), exact_prompt, 1, req.client_cap)
+    up_body["max_output_tokens"] = out_cap  # the one cap, as held
+    with ticket.settled_on_error():
+        if not req.stream:
+            result = provider.responses(upstream, up_body)
+            usage = billing.read_usage(result.usage_report)
+            estimated = usage is None
+            if usage is None:
+                usage = billing.Usage(exact_prompt(), sum(tokens.count(t) for t in result.texts))
+            ticket.add_usage(model, usage, 200, estimated=estimated)
+            charged = ticket.settle(200)
+            doc = result.doc
+            return Response(billing.dumps_with_cost(doc, doc.get("usage") if isinstance(doc.get("usage"), dict)
+                                                    else None, charged),
+                            mimetype="application/json", headers=ticket.credit_headers(charged))
+        stream = provider.responses_stream(upstream, up_body)
+    relay = ResponsesRelay(ticket, model, upstream, stream, exact_prompt, False, heartbeat)
+    return Response(relay.run(), mimetype="text/event-stream",
+                    headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+
+class ResponsesRelay(Relay):
+    """The chat relay's heartbeats and settlement, over typed Responses events relayed as they are: the final
+    response.completed (or .incomplete / .failed) event carries the usage that is charged."""
+
+    stream: Any
+
+    def _event(self, event: ResponsesEvent) -> tuple[bytes, dict[int, str]] | None:  # type: ignore[override]
+        if event.usage_report is not None:
+            usage = billing.read_usage(event.usage_report)
+            if usage is not None:
+                self.usage, self.usage_doc = usage, event.usage_report
+        return event.data, event.texts
+
+    def _end(self) -> bytes:
+        return b""  # the terminal event was the last one relayed
+
+    def _failed(self, exc: GatewayError) -> bytes:
+        return self.stream.failed(exc)
