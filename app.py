@@ -19,13 +19,17 @@ from gunicorn.http.errors import ParseException
 from limits.errors import ConfigurationError as LimitsConfigurationError
 from werkzeug.exceptions import HTTPException
 
+import admin
 import chat
 import cli
 import config as config_mod
 import db
 import images
 import keys
+import metrics
 import music
+import policies
+import selfservice
 import tokens
 import vision
 from errors import AuthError, GatewayError, InvalidRequest, ModelNotFound, NotFound, PayloadTooLarge, RateLimited
@@ -89,6 +93,8 @@ def create_app(cfg: config_mod.Config | None = None) -> Flask:
         g.ticket = None
         if request.path == "/health":
             return None
+        if request.path == "/metrics" or request.path.startswith("/admin"):
+            return None  # policy hook: admin token, not a key (admin.py)
         length = request.content_length
         if length is not None and length > cfg.server.max_body_bytes:
             raise PayloadTooLarge(f"The request body is {length} bytes; the limit is {cfg.server.max_body_bytes}.")
@@ -102,6 +108,7 @@ def create_app(cfg: config_mod.Config | None = None) -> Flask:
         key = keys.lookup(db.conn_for(database), token)
         if key is None:
             raise AuthError(f"Incorrect API key provided: {token[:6]}...{token[-4:]}.")
+        policies.check_expiry(key)  # policy hook: 401 naming when the key expired
         g.api_key = key
         return None
 
@@ -136,6 +143,9 @@ def create_app(cfg: config_mod.Config | None = None) -> Flask:
                 # window[0] is the exact reset time; rl.reset_at is it already rounded up, one second too late.
                 resp.headers[f"x-ratelimit-reset-{suffix}"] = _duration(_seconds_left(rl.window[0], now))
         _log_unsettled(resp)
+        ticket = g.get("ticket")  # metrics hook: one count per answered request
+        metrics.record_request(ticket.route if ticket is not None else request.path,
+                               ticket.model if ticket is not None else "", resp.status_code)
         return resp
 
     @app.errorhandler(GatewayError)
@@ -149,6 +159,7 @@ def create_app(cfg: config_mod.Config | None = None) -> Flask:
         breached = next((rl for rl in limiter.current_limits if rl.breached), limiter.current_limit)
         retry = _seconds_left(breached.window[0], time.time()) if breached else item.get_expiry()
         headers = {"Retry-After": str(retry)}
+        metrics.LIMITED.labels(per).inc()  # metrics hook
         if per == "day":
             # The official SDKs honour x-should-retry before Retry-After: without it the Node SDK sleeps the
             # rest of the day inside one call, and openai-python gives up only after retrying in vain.
@@ -188,12 +199,13 @@ def create_app(cfg: config_mod.Config | None = None) -> Flask:
 
     @app.get("/v1/models")
     def list_models() -> Response:
-        return {"object": "list", "data": [model_object(m) for m in cfg.models.values()]}
+        shown = policies.visible(g.api_key, cfg.models.values())  # policy hook: only the key's allowed models
+        return {"object": "list", "data": [model_object(m) for m in shown]}
 
     @app.get("/v1/models/<path:model_id>")
     def get_model(model_id: str) -> Response:
         model = cfg.models.get(model_id)
-        if model is None:
+        if model is None or not policies.may_use(g.api_key, model_id):  # policy hook
             raise ModelNotFound(f"The model `{model_id}` does not exist or you do not have access to it.",
                                 param="model")
         return model_object(model)
@@ -219,6 +231,9 @@ def create_app(cfg: config_mod.Config | None = None) -> Flask:
         return music.handle(_ticket(cfg, "audio.music"), _json_body())
 
     cli.register(app)
+    admin.register(app)
+    selfservice.register(app)
+    metrics.register(app)
     # Everything built so far lives as long as the worker; frozen, full collections no longer walk it.
     gc.freeze()
     # The default thresholds (700, 10, 10) collect so often that with 5,000 open streams the collector froze

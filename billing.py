@@ -148,19 +148,25 @@ class Charge:
     uncollected: int = field(default=0, init=False)
 
 
-def hold(path: str, key_id: int, request_id: str, planner: Callable[[int], tuple[int, Any]]) -> Hold:
+def hold(path: str, key_id: int, request_id: str, planner: Callable[[int], tuple[int, Any]],
+         room: Callable[[sqlite3.Connection], tuple[int, InsufficientCredits] | None] | None = None) -> Hold:
     """Reserve credits before any upstream call: planner(balance) -> (amount, plan), or raises InsufficientCredits.
 
-    The planner runs inside the write transaction, so the balance it sees is the balance it debits.
+    The planner runs inside the write transaction, so the balance it sees is the balance it debits. room (a
+    spending cap, policies.cap_room) lowers what the planner may use and names the cap in the 402.
     """
     def work(conn: sqlite3.Connection) -> Hold:
         row = conn.execute("SELECT balance FROM api_keys WHERE id = ?", (key_id,)).fetchone()
         balance = row[0] if row else 0
+        capped = room(conn) if room is not None else None  # policy hook: spending caps
+        available = balance if capped is None else min(balance, capped[0])
         try:
-            amount, plan = planner(balance)
-            if amount > balance:
+            amount, plan = planner(available)
+            if amount > available:
                 raise InsufficientCredits("This key does not have enough credits for this request.")
         except InsufficientCredits as exc:
+            if capped is not None and capped[0] < balance:
+                raise capped[1] from None
             raise _with_reserved(conn, key_id, exc) from None
         conn.execute("UPDATE api_keys SET balance = balance - ? WHERE id = ?", (amount, key_id))
         host, boot, started = owner()
@@ -344,3 +350,47 @@ def audit(conn: sqlite3.Connection) -> list[tuple[int, int, int, int]]:
         LEFT JOIN (SELECT key_id, SUM(amount) AS total FROM ledger GROUP BY key_id) l ON l.key_id = k.id
         ORDER BY k.id""").fetchall()
     return [tuple(r) for r in rows if r[1] + r[2] != r[3]]
+
+
+def correct(conn: sqlite3.Connection, key_id: int, amount: int, reason: str) -> int:
+    """Take amount nano-credits from a key's balance as a 'correction' ledger row with the operator's reason, in
+    its own transaction; returns the new balance. LookupError for an unknown key, ValueError (writing nothing)
+    for an empty reason or more than the free balance (open holds are not the operator's to take)."""
+    reason = (reason or "").strip()
+    if not reason:
+        raise ValueError("a correction needs a reason")
+    if amount <= 0:
+        raise ValueError("a correction takes more than 0 credits")
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        row = conn.execute("SELECT balance FROM api_keys WHERE id = ?", (key_id,)).fetchone()
+        if row is None:
+            raise LookupError(f"no key with id {key_id}")
+        if amount > row[0]:
+            raise ValueError(f"key {key_id} has {format_credits(row[0])} credits free; a correction can take at "
+                             "most that")
+        conn.execute("UPDATE api_keys SET balance = balance - ? WHERE id = ?", (amount, key_id))
+        conn.execute("INSERT INTO ledger(key_id, amount, kind, created_at, reason) VALUES (?, ?, 'correction', ?, ?)",
+                     (key_id, -amount, time.time(), reason[:500]))
+        conn.execute("COMMIT")
+    except BaseException:
+        conn.execute("ROLLBACK")
+        raise
+    return row[0] - amount
+
+
+def spend_by_day(conn: sqlite3.Connection, days: int, key_id: int | None = None,
+                 now: float | None = None) -> list[tuple[str, int]]:
+    """Nano-credits charged per UTC day for the last `days` days, oldest first, every day present."""
+    now = time.time() if now is None else now
+    today = int(now // 86400) * 86400
+    since = today - (days - 1) * 86400
+    where, args = ("AND key_id = ?", (since, key_id)) if key_id is not None else ("", (since,))
+    rows = conn.execute(f"SELECT CAST(created_at / 86400 AS INTEGER) AS d, SUM(cost - uncollected) FROM usage"
+                        f" WHERE created_at >= ? {where} GROUP BY d", args).fetchall()
+    totals = {int(r[0]): int(r[1]) for r in rows}
+    out = []
+    for i in range(days):
+        day = since // 86400 + i
+        out.append((time.strftime("%Y-%m-%d", time.gmtime(day * 86400)), totals.get(day, 0)))
+    return out

@@ -12,6 +12,8 @@ from typing import Any
 import gevent
 
 import billing
+import metrics
+import policies
 from config import Config
 from errors import GatewayError
 from keys import ApiKey
@@ -46,9 +48,14 @@ class Ticket:
     balance: int | None = None
     settled: bool = False
     charged: int = 0
+    held_at: float = 0.0
 
     def take_hold(self, planner: Any) -> billing.Hold:
-        self.hold = billing.hold(self.cfg.server.database, self.key.id, self.request_id, planner)
+        policies.check_model(self.key, self.model)  # policy hook: allowed models (403 before any credit moves)
+        self.hold = billing.hold(self.cfg.server.database, self.key.id, self.request_id, planner,
+                                 policies.cap_room(self.key))  # policy hook: spending caps (402)
+        self.held_at = time.monotonic()
+        metrics.HOLDS.inc()  # metrics hook
         return self.hold
 
     def add(self, cost: int, status: int, *, model: str | None = None, prompt_tokens: int = 0,
@@ -74,6 +81,7 @@ class Ticket:
             return self.charged
         if not any(c.request_id == self.request_id for c in self.charges):
             self.add(0, status)
+        metrics.HOLDS.dec()  # metrics hook: settled, released or left open, it is no longer in flight here
         database = self.cfg.server.database
         for attempt in range(SETTLE_ATTEMPTS):
             try:
@@ -102,6 +110,9 @@ class Ticket:
             return 0
         main = self.charges[-1]
         self.charged = sum(c.cost - c.uncollected for c in self.charges)
+        metrics.record_settlement(self.route, self.model, time.monotonic() - self.held_at,  # metrics hook
+                                  sum(c.prompt_tokens for c in self.charges),
+                                  sum(c.completion_tokens for c in self.charges), self.charged)
         log.info("request_id=%s key=%s route=%s model=%s status=%s prompt_tokens=%s completion_tokens=%s "
                  "units=%s cost=%s uncollected=%s latency_ms=%s", self.request_id, self.key.prefix, self.route,
                  self.model, status, main.prompt_tokens, main.completion_tokens, main.units,
