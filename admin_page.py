@@ -164,9 +164,9 @@ def update(key_id: int) -> Response:
 
 def _chart(days: list[tuple[str, int]]) -> dict:
     """Bars for an inline SVG: one per day, scaled to the largest, with a few labelled gridlines."""
-    width, height, left, bottom = 720, 180, 64, 24
+    width, height, left, right, bottom = 960, 190, 96, 28, 24
     top = max((v for _, v in days), default=0) or 1
-    slot = (width - left) / len(days)
+    slot = (width - left - right) / len(days)
     bars = []
     for i, (day, value) in enumerate(days):
         h = round((height - bottom - 8) * value / top, 1)
@@ -175,8 +175,8 @@ def _chart(days: list[tuple[str, int]]) -> dict:
                      "label": day[5:] if i % 5 == 0 or i == len(days) - 1 else ""})
     grid = [{"y": round(height - bottom - (height - bottom - 8) * f, 1), "label": billing.format_credits(int(top * f))}
             for f in (0, 0.5, 1)]
-    return {"width": width, "height": height, "left": left, "bottom": bottom, "bars": bars, "grid": grid,
-            "total": billing.format_credits(sum(v for _, v in days))}
+    return {"width": width, "height": height, "left": left, "right": width - right, "bottom": bottom, "bars": bars,
+            "grid": grid, "total": billing.format_credits(sum(v for _, v in days))}
 
 
 @bp.get("/usage")
