@@ -78,8 +78,10 @@ def on_starting(server):
     # named before any worker imports it; a leftover one (a restart) is emptied.
     metrics_dir = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
     if metrics_dir:
-        shutil.rmtree(metrics_dir, ignore_errors=True)
         os.makedirs(metrics_dir, exist_ok=True)
+        for name in os.listdir(metrics_dir):  # only prometheus-client's own files: the directory may hold others
+            if name.endswith(".db") and name.split("_", 1)[0] in ("counter", "gauge", "histogram", "summary"):
+                os.remove(os.path.join(metrics_dir, name))
     else:
         os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="gateway-metrics-")
     try:
