@@ -144,7 +144,9 @@ def create_app(cfg: config_mod.Config | None = None) -> Flask:
                 resp.headers[f"x-ratelimit-reset-{suffix}"] = _duration(_seconds_left(rl.window[0], now))
         _log_unsettled(resp)
         ticket = g.get("ticket")  # metrics hook: one count per answered request
-        metrics.record_request(ticket.route if ticket is not None else request.path,
+        # The route label is the matched rule, never the raw path: random URLs must not grow the label set.
+        rule = request.url_rule.rule if request.url_rule is not None else "unmatched"
+        metrics.record_request(ticket.route if ticket is not None else rule,
                                ticket.model if ticket is not None else "", resp.status_code)
         return resp
 
@@ -231,9 +233,9 @@ def create_app(cfg: config_mod.Config | None = None) -> Flask:
         return music.handle(_ticket(cfg, "audio.music"), _json_body())
 
     cli.register(app)
-    admin.register(app)
-    selfservice.register(app)
-    metrics.register(app)
+    admin.register(app)  # policy hook: /admin/api and the /admin page
+    selfservice.register(app)  # policy hook: /v1/key and the dashboard/billing endpoints
+    metrics.register(app)  # metrics hook: /metrics
     # Everything built so far lives as long as the worker; frozen, full collections no longer walk it.
     gc.freeze()
     # The default thresholds (700, 10, 10) collect so often that with 5,000 open streams the collector froze

@@ -107,7 +107,7 @@ def post_worker_init(worker):
 
     log = logging.getLogger("gateway")
     server_cfg = worker.wsgi.config["GATEWAY"].server
-    retention.start(server_cfg.database, server_cfg.usage_retention_days)
+    retention.start(server_cfg.database, server_cfg.usage_retention_days)  # policy hook: usage retention
     try:
         released = billing.release_orphans(worker.wsgi.config["GATEWAY"].server.database)
     except sqlite3.OperationalError as exc:

@@ -52,7 +52,8 @@ def chat(gw: Gateway, secret: str, model: str = "gpt-test", **kw):
 
 # -- admin API ----------------------------------------------------------------------------------------------
 
-def test_admin_off_without_token_answers_404(gateway):
+def test_admin_off_without_token_answers_404(make_gateway):
+    gateway = make_gateway(env={"GATEWAY_ADMIN_TOKEN": ""})  # its own: the shared gateway's log stays key-only
     for path in ("/admin/api/keys", "/admin/", "/admin/login", "/metrics"):
         r = requests.get(gateway.url + path, headers=ADMIN, timeout=10)
         assert r.status_code == 404, path
@@ -341,6 +342,11 @@ def test_metrics_scrape_across_two_workers(make_gateway):
         text = r.text
         assert _sample(text, "gateway_requests_total", route="chat.completions", model="gpt-test", status="200") == 7
     assert _sample(text, "gateway_requests_total", route="chat.completions", status="404") == 1
+    for i in range(3):  # unknown URLs share one label value
+        requests.get(f"{gw.url}/random-{i}", headers={"Authorization": f"Bearer {secret}"}, timeout=10)
+    text = requests.get(f"{gw.url}/metrics", headers=ADMIN, timeout=10).text
+    assert "random-" not in text
+    assert _sample(text, "gateway_requests_total", route="unmatched", status="404") == 3
     charged = 5 * 10**9 - gw.balance(key_id)
     assert _sample(text, "gateway_credits_charged_nano_total", model="gpt-test") == charged
     rows = gw.usage(key_id)
