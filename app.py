@@ -15,13 +15,16 @@ import time
 
 from flask import Flask
 
+import admin
 import auth
 import cli
 import config as config_mod
 import cors
 import errors
+import metrics
 import ratelimit
 import routes
+import selfservice
 import tokens
 from routes.models import health
 
@@ -62,4 +65,7 @@ def create_app(cfg: config_mod.Config | None = None) -> Flask:
     routes.register(app)
     limiter.exempt(health)
     cli.register(app)
+    admin.register(app)  # policy hook: /admin/api and the /admin page
+    selfservice.register(app)  # policy hook: /v1/key and the dashboard/billing endpoints
+    metrics.register(app)  # metrics hook: /metrics
     return app

@@ -12,6 +12,8 @@ from flask import Flask, Response, current_app, g, request
 
 import db
 import keys
+import metrics
+import policies
 from errors import AuthenticationError, PayloadTooLargeError
 
 # The audio upload routes and their body limit (routes/audio.py reads the same numbers).
@@ -29,6 +31,8 @@ def authenticate() -> None:
     g.ticket = None
     if request.path == "/health":
         return
+    if request.path == "/metrics" or request.path.startswith("/admin"):
+        return  # policy hook: these take the admin token, not a key (admin.require_token)
     length = request.content_length
     limit = cfg.server.max_body_bytes
     if request.path in UPLOAD_PATHS:  # audio uploads may be up to OpenAI's 25 MB whatever the JSON limit is
@@ -45,12 +49,18 @@ def authenticate() -> None:
     key = keys.lookup(db.conn_for(cfg.server.database), token)
     if key is None:
         raise AuthenticationError(f"Incorrect API key provided: {token[:6]}...{token[-4:]}.")
+    policies.check_expiry(key)  # policy hook: 401 naming when the key expired
     g.api_key = key
 
 
 def finish(resp: Response) -> Response:
     resp.headers["x-request-id"] = g.get("request_id", "")
     log_unsettled(resp)
+    ticket = g.get("ticket")  # metrics hook: one count per answered request
+    # The route label is the matched rule, never the raw path: random URLs must not grow the label set.
+    rule = request.url_rule.rule if request.url_rule is not None else "unmatched"
+    metrics.record_request(ticket.route if ticket is not None else rule,
+                           ticket.model if ticket is not None else "", resp.status_code)
     return resp
 
 

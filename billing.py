@@ -18,6 +18,7 @@ from decimal import ROUND_CEILING, Decimal, InvalidOperation
 from typing import TYPE_CHECKING, Any
 
 import db
+import policies
 from errors import GatewayError, InsufficientCreditsError
 
 if TYPE_CHECKING:  # config imports NANO from here; only the type names are needed back
@@ -164,19 +165,25 @@ class Charge:
     uncollected: int = field(default=0, init=False)
 
 
-def hold(path: str, key_id: int, request_id: str, planner: Callable[[int], tuple[int, Any]]) -> Hold:
+def hold(path: str, key_id: int, request_id: str, planner: Callable[[int], tuple[int, Any]],
+         room: Callable[[sqlite3.Connection], tuple[int, InsufficientCreditsError] | None] | None = None) -> Hold:
     """Reserve credits before any upstream call: planner(balance) -> (amount, plan), or raises InsufficientCreditsError.
 
-    The planner runs inside the write transaction, so the balance it sees is the balance it debits.
+    The planner runs inside the write transaction, so the balance it sees is the balance it debits. room (a
+    spending cap, policies.cap_room) lowers what the planner may use and names the cap in the 402.
     """
     def work(conn: sqlite3.Connection) -> Hold:
         row = conn.execute("SELECT balance FROM api_keys WHERE id = ?", (key_id,)).fetchone()
         balance = row[0] if row else 0
+        capped = room(conn) if room is not None else None  # policy hook: spending caps
+        available = balance if capped is None else min(balance, capped[0])
         try:
-            amount, plan = planner(balance)
-            if amount > balance:
+            amount, plan = planner(available)
+            if amount > available:
                 raise InsufficientCreditsError("This key does not have enough credits for this request.")
         except InsufficientCreditsError as exc:
+            if capped is not None and capped[0] < balance:
+                raise capped[1] from None
             raise _with_reserved(conn, key_id, exc) from None
         conn.execute("UPDATE api_keys SET balance = balance - ? WHERE id = ?", (amount, key_id))
         host, boot, started = owner()
@@ -352,6 +359,49 @@ def audit(conn: sqlite3.Connection) -> list[tuple[int, int, int, int]]:
     return [tuple(r) for r in rows if r[1] + r[2] != r[3]]
 
 
+def correct(conn: sqlite3.Connection, key_id: int, amount: int, reason: str) -> int:
+    """Take amount nano-credits from a key's balance as a 'correction' ledger row with the operator's reason, in
+    its own transaction; returns the new balance. LookupError for an unknown key, ValueError (writing nothing)
+    for an empty reason or more than the free balance (open holds are not the operator's to take)."""
+    reason = (reason or "").strip()
+    if not reason:
+        raise ValueError("a correction needs a reason")
+    if amount <= 0:
+        raise ValueError("a correction takes more than 0 credits")
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        row = conn.execute("SELECT balance FROM api_keys WHERE id = ?", (key_id,)).fetchone()
+        if row is None:
+            raise LookupError(f"no key with id {key_id}")
+        if amount > row[0]:
+            raise ValueError(f"key {key_id} has {format_credits(row[0])} credits free; a correction can take at "
+                             "most that")
+        conn.execute("UPDATE api_keys SET balance = balance - ? WHERE id = ?", (amount, key_id))
+        conn.execute("INSERT INTO ledger(key_id, amount, kind, created_at, reason) VALUES (?, ?, 'correction', ?, ?)",
+                     (key_id, -amount, time.time(), reason[:500]))
+        conn.execute("COMMIT")
+    except BaseException:
+        conn.execute("ROLLBACK")
+        raise
+    return row[0] - amount
+
+
+def spend_by_day(conn: sqlite3.Connection, days: int, key_id: int | None = None,
+                 now: float | None = None) -> list[tuple[str, int]]:
+    """Nano-credits charged per UTC day for the last `days` days, oldest first, every day present."""
+    now = time.time() if now is None else now
+    today = int(now // 86400) * 86400
+    since = today - (days - 1) * 86400
+    where, args = ("AND key_id = ?", (since, key_id)) if key_id is not None else ("", (since,))
+    rows = conn.execute(f"SELECT CAST(created_at / 86400 AS INTEGER) AS d, SUM(cost - uncollected) FROM usage"
+                        f" WHERE created_at >= ? {where} GROUP BY d", args).fetchall()
+    totals = {int(r[0]): int(r[1]) for r in rows}
+    out = []
+    for i in range(days):
+        day = since // 86400 + i
+        out.append((time.strftime("%Y-%m-%d", time.gmtime(day * 86400)), totals.get(day, 0)))
+    return out
+
 
 # --- Hold planners: what a request reserves before its upstream call -----------------------------------------
 
@@ -522,9 +572,16 @@ class Ticket:
     balance: int | None = None
     settled: bool = False
     charged: int = 0
+    held_at: float = 0.0
 
     def take_hold(self, planner: Callable[[int], tuple[int, Any]]) -> Hold:
-        self.hold = hold(self.cfg.server.database, self.key.id, self.request_id, planner)
+        import metrics  # here, not at the top: config imports billing in gunicorn's master, before gevent patches
+
+        policies.check_model(self.key, self.model)  # policy hook: allowed models (403 before any credit moves)
+        self.hold = hold(self.cfg.server.database, self.key.id, self.request_id, planner,
+                         policies.cap_room(self.key))  # policy hook: spending caps (402)
+        self.held_at = time.monotonic()
+        metrics.HOLDS.inc()  # metrics hook
         return self.hold
 
     def hold_tokens(self, model: ModelConfig, estimate: int, exact: Callable[[], int], mult: int,
@@ -586,8 +643,11 @@ class Ticket:
         """
         if self.settled or self.hold is None:
             return self.charged
+        import metrics
+
         if not any(c.request_id == self.request_id for c in self.charges):
             self.add(0, status)
+        metrics.HOLDS.dec()  # metrics hook: settled, released or left open, it is no longer in flight here
         database = self.cfg.server.database
         for attempt in range(SETTLE_ATTEMPTS):
             try:
@@ -618,6 +678,9 @@ class Ticket:
             return 0
         main = self.charges[-1]
         self.charged = sum(c.cost - c.uncollected for c in self.charges)
+        metrics.record_settlement(self.route, self.model, time.monotonic() - self.held_at,  # metrics hook
+                                  sum(c.prompt_tokens for c in self.charges),
+                                  sum(c.completion_tokens for c in self.charges), self.charged)
         request_log.info("request_id=%s key=%s route=%s model=%s status=%s prompt_tokens=%s completion_tokens=%s "
                          "units=%s cost=%s uncollected=%s latency_ms=%s", self.request_id, self.key.prefix,
                          self.route, self.model, status, main.prompt_tokens, main.completion_tokens, main.units,

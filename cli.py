@@ -14,6 +14,7 @@ from flask import Flask, current_app
 import billing
 import db
 import keys
+import policies
 
 # Key ids are SQLite integers; a larger number would overflow the query instead of finding no key.
 _KEY_ID = click.IntRange(min=1, max=2**63 - 1)
@@ -72,6 +73,35 @@ def _limit(value: int | None, default: int) -> str:
     return "unlimited" if value == 0 else str(value)
 
 
+def _policies(what: str, allowed: str | None, expires: str | None, daily: str | None,
+              monthly: str | None) -> dict[str, Any]:
+    """The policy flags given, parsed by the functions the admin API uses; an empty value clears a policy."""
+    out: dict[str, Any] = {}
+    try:
+        if allowed is not None:
+            out["allowed_models"] = policies.parse_allowed_models(allowed)
+        if expires is not None:
+            out["expires_at"] = policies.parse_expiry(expires)
+        if daily is not None:
+            out["daily_cap"] = policies.parse_cap(daily, "--daily-cap")
+        if monthly is not None:
+            out["monthly_cap"] = policies.parse_cap(monthly, "--monthly-cap")
+    except ValueError as exc:
+        raise click.ClickException(f"{what}: {exc}.") from None
+    return out
+
+
+def _policy_options(command: Callable[..., Any]) -> Callable[..., Any]:
+    for option in reversed((
+            click.option("--allowed-models", "allowed", default=None,
+                         help="Comma-separated model ids the key may call (empty: all)."),
+            click.option("--expires", default=None, help="Expiry: ISO 8601 (UTC) or unix time (empty: never)."),
+            click.option("--daily-cap", "daily", default=None, help="Credits per UTC day (empty: no cap)."),
+            click.option("--monthly-cap", "monthly", default=None, help="Credits per UTC month (empty: no cap)."))):
+        command = option(command)
+    return command
+
+
 def register(app: Flask) -> None:
     """Attach the commands to the app's CLI."""
     group = click.Group("keys", help="Create, list, top up and revoke API keys.")
@@ -81,13 +111,16 @@ def register(app: Flask) -> None:
     @click.option("--credits", "amount", required=True, help="Opening balance in credits, e.g. 5 or 0.5.")
     @click.option("--rpm", callback=_limit_option, default=None, help="Requests per minute (0: unlimited).")
     @click.option("--rpd", callback=_limit_option, default=None, help="Requests per day (0: unlimited).")
+    @_policy_options
     @_writes
-    def create(name: str, amount: str, rpm: int | None, rpd: int | None) -> None:
+    def create(name: str, amount: str, rpm: int | None, rpd: int | None, allowed: str | None,
+               expires: str | None, daily: str | None, monthly: str | None) -> None:
         """Create a key. Its secret is printed once, as the last line."""
         nano = _credits(amount, f"No key was created for {name!r}", "give --credits from 0 to "
                         f"{billing.MAX_CREDITS} with at most 9 decimals, such as 5 or 0.5")
+        policy = _policies(f"No key was created for {name!r}", allowed, expires, daily, monthly)
         with db.cli_connection(_db()) as conn:
-            key_id, secret = keys.create(conn, name, nano, rpm, rpd)
+            key_id, secret = keys.create(conn, name, nano, rpm, rpd, **policy)
         click.echo(f"Created key {key_id} ({name}) with {billing.format_credits(nano)} credits. "
                    "Store the key now; it is not shown again:", err=False)
         click.echo(secret)
@@ -120,6 +153,56 @@ def register(app: Flask) -> None:
                     from None
             except ValueError as exc:
                 raise click.ClickException(f"Key {key_id} was not topped up: {exc}.") from None
+        click.echo(f"Key {key_id} now has {billing.format_credits(balance)} credits.")
+
+    @group.command("update")
+    @click.argument("key_id", type=_KEY_ID)
+    @click.option("--name", default=None, help="A new label.")
+    @click.option("--rpm", default=None, help="Requests per minute (0: unlimited, empty: the default).")
+    @click.option("--rpd", default=None, help="Requests per day (0: unlimited, empty: the default).")
+    @_policy_options
+    @_writes
+    def update(key_id: int, name: str | None, rpm: str | None, rpd: str | None, allowed: str | None,
+               expires: str | None, daily: str | None, monthly: str | None) -> None:
+        """Change key KEY_ID's name, limits or policies; an empty value clears one."""
+        what = f"Key {key_id} was not changed"
+        changes: dict[str, Any] = _policies(what, allowed, expires, daily, monthly)
+        if name is not None:
+            changes["name"] = name
+        for flag, value in (("rpm", rpm), ("rpd", rpd)):
+            if value is not None:
+                text = value.strip()
+                if text and (not text.isdigit() or int(text) > keys.MAX_LIMIT):
+                    raise click.ClickException(f"{what}: --{flag} {value!r} must be a whole number from 0 "
+                                               f"(unlimited) to {keys.MAX_LIMIT}, or empty for the default.")
+                changes[flag] = int(text) if text else None
+        if not changes:
+            raise click.ClickException(f"{what}: give at least one option to change; see --help.")
+        with db.cli_connection(_db()) as conn:
+            try:
+                keys.update(conn, key_id, changes)
+            except LookupError as exc:
+                raise click.ClickException(f"{what}: {exc}; `keys list` shows the ids.") from None
+            except ValueError as exc:
+                raise click.ClickException(f"{what}: {exc}.") from None
+        click.echo(f"Key {key_id} updated: {', '.join(sorted(changes))}.")
+
+    @group.command("correct")
+    @click.argument("key_id", type=_KEY_ID)
+    @click.argument("amount")
+    @click.option("--reason", required=True, help="Why, written to the ledger with the correction.")
+    @_writes
+    def correct(key_id: int, amount: str, reason: str) -> None:
+        """Take AMOUNT credits back from key KEY_ID, as a ledger correction with a reason."""
+        what = f"Key {key_id} was not corrected"
+        nano = _credits(amount, what, "give an amount with at most 9 decimals, such as 0.5")
+        with db.cli_connection(_db()) as conn:
+            try:
+                balance = billing.correct(conn, key_id, nano, reason)
+            except LookupError as exc:
+                raise click.ClickException(f"{what}: {exc}; `keys list` shows the ids.") from None
+            except ValueError as exc:
+                raise click.ClickException(f"{what}: {exc}.") from None
         click.echo(f"Key {key_id} now has {billing.format_credits(balance)} credits.")
 
     @group.command("revoke")

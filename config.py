@@ -35,6 +35,7 @@ BOUNDS: dict[str, tuple[float, float]] = {
     "timeout_seconds": (0.1, 86400), "connect_timeout_seconds": (0.1, 3600), "pool_size": (1, 100_000),
     "max_output_tokens": (0, 10**8), "max_images": (0, 1000), "max_image_bytes": (1024, 2**31),
     "fetch_timeout_seconds": (0.1, 3600), "cache_max_entries": (0, 10**8), "default_duration_seconds": (1, 3600),
+    "usage_retention_days": (0, 100_000),
 }
 GENERIC_INT_MAX = 2**53
 GENERIC_FLOAT_MAX = 10**6
@@ -52,6 +53,8 @@ class ServerConfig:
     hold_ttl_seconds: int = 3600
     # Origins (scheme://host[:port], or "*") whose browser pages may call the gateway; empty means no CORS at all.
     cors_origins: tuple[str, ...] = ()
+    # Usage rows older than this many days are deleted in the background (retention.py); 0 keeps them forever.
+    usage_retention_days: int = 0
 
 
 @dataclass(frozen=True)

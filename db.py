@@ -154,8 +154,28 @@ _MIGRATIONS: list[tuple[int, str, str, str]] = [
     (2, "holds", "pid_started", "INTEGER"),
     (2, "holds", "host", "TEXT"),
     (2, "holds", "boot_id", "TEXT"),
+    (3, "api_keys", "allowed_models", "TEXT"),
+    (3, "api_keys", "expires_at", "REAL"),
+    (3, "api_keys", "daily_cap", "INTEGER CHECK (daily_cap IS NULL OR daily_cap >= 0)"),
+    (3, "api_keys", "monthly_cap", "INTEGER CHECK (monthly_cap IS NULL OR monthly_cap >= 0)"),
 ]
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
+
+
+def _rebuild_ledger(conn: sqlite3.Connection) -> None:
+    """Version 3: the ledger takes 'correction' rows with a reason. SQLite cannot change a CHECK in place,
+    so a ledger made before is copied into a new table (inside migrate's transaction)."""
+    sql = conn.execute("SELECT sql FROM sqlite_master WHERE type = 'table' AND name = 'ledger'").fetchone()
+    if sql is None or "correction" in sql[0]:
+        return
+    conn.execute("""CREATE TABLE ledger_v3 (
+        id INTEGER PRIMARY KEY, key_id INTEGER NOT NULL REFERENCES api_keys(id), amount INTEGER NOT NULL,
+        kind TEXT NOT NULL CHECK (kind IN ('grant', 'topup', 'charge', 'correction')), request_id TEXT,
+        created_at REAL NOT NULL, reason TEXT)""")
+    conn.execute("INSERT INTO ledger_v3(id, key_id, amount, kind, request_id, created_at)"
+                 " SELECT id, key_id, amount, kind, request_id, created_at FROM ledger")
+    conn.execute("DROP TABLE ledger")
+    conn.execute("ALTER TABLE ledger_v3 RENAME TO ledger")
 
 
 def migrate(conn: sqlite3.Connection) -> None:
@@ -168,6 +188,7 @@ def migrate(conn: sqlite3.Connection) -> None:
             have = {row[1] for row in conn.execute(f"PRAGMA table_info({table})")}
             if column not in have:
                 conn.execute(f"ALTER TABLE {table} ADD COLUMN {column} {kind}")
+        _rebuild_ledger(conn)
         conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
         conn.execute("COMMIT")
     except BaseException:

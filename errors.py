@@ -62,6 +62,12 @@ class InsufficientCreditsError(GatewayError):
     status, type, code = 402, "insufficient_quota", "insufficient_credits"
 
 
+class PermissionDeniedError(GatewayError):
+    """A valid key asking for something its policy does not allow (a model outside its allowed list)."""
+
+    status, type, code = 403, "permission_error", "permission_denied"
+
+
 class NotFoundError(GatewayError):
     status, type, code = 404, "invalid_request_error", "not_found"
 

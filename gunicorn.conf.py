@@ -2,8 +2,10 @@
 import json
 import os
 import resource
+import shutil
 import socket
 import sys
+import tempfile
 
 from gunicorn import util
 from gunicorn.workers.ggevent import GeventWorker
@@ -72,6 +74,16 @@ def on_starting(server):
     import config
     import db
 
+    # metrics hook: prometheus-client's multiprocess mode needs an empty directory shared by all workers,
+    # named before any worker imports it; a leftover one (a restart) is emptied.
+    metrics_dir = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
+    if metrics_dir:
+        os.makedirs(metrics_dir, exist_ok=True)
+        for name in os.listdir(metrics_dir):  # only prometheus-client's own files: the directory may hold others
+            if name.endswith(".db") and name.split("_", 1)[0] in ("counter", "gauge", "histogram", "summary"):
+                os.remove(os.path.join(metrics_dir, name))
+    else:
+        os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="gateway-metrics-")
     try:
         cfg = config.load()
         db.init(cfg.server.database)
@@ -120,9 +132,12 @@ def post_worker_init(worker):
     import sqlite3
 
     import billing
+    import retention
 
     _tune_gc()
     log = logging.getLogger("gateway")
+    server_cfg = worker.wsgi.config["GATEWAY"].server
+    retention.start(server_cfg.database, server_cfg.usage_retention_days)  # policy hook: usage retention
     try:
         released = billing.release_orphans(worker.wsgi.config["GATEWAY"].server.database)
     except sqlite3.OperationalError as exc:
@@ -132,3 +147,17 @@ def post_worker_init(worker):
         return
     if released:
         log.warning("returned %d hold(s) left by a process that is gone", released)
+
+
+def child_exit(server, worker):
+    """metrics hook: a gone worker's live gauges (open streams, holds in flight) stop counting."""
+    from prometheus_client import multiprocess
+
+    multiprocess.mark_process_dead(worker.pid)
+
+
+def on_exit(server):
+    """The metrics directory made in on_starting goes with the master."""
+    path = os.environ.get("PROMETHEUS_MULTIPROC_DIR", "")
+    if os.path.basename(path).startswith("gateway-metrics-"):
+        shutil.rmtree(path, ignore_errors=True)

@@ -2,12 +2,14 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import secrets
 import sqlite3
 import time
 from dataclasses import dataclass
 
 import billing
+import policies
 
 PREFIX_LEN = 8
 # The most requests per minute or per day a key may be given (0 already means unlimited).
@@ -21,6 +23,11 @@ class ApiKey:
     prefix: str
     rpm: int | None
     rpd: int | None
+    # Policies (policies.py); None means none.
+    allowed_models: tuple[str, ...] | None = None
+    expires_at: float | None = None
+    daily_cap: int | None = None
+    monthly_cap: int | None = None
 
 
 def hash_key(key: str) -> str:
@@ -28,11 +35,13 @@ def hash_key(key: str) -> str:
 
 
 def create(conn: sqlite3.Connection, name: str, credits: int, rpm: int | None = None,
-           rpd: int | None = None) -> tuple[int, str]:
+           rpd: int | None = None, **policy: object) -> tuple[int, str]:
     """A new key with its opening grant; returns (id, the key). Only the hash is stored.
 
-    Raises ValueError, writing nothing, for credits or limits outside their bounds.
+    policy takes update()'s policy fields (allowed_models, expires_at, daily_cap, monthly_cap), already parsed.
+    Raises ValueError, writing nothing, for credits, limits or policies outside their bounds.
     """
+    policy_sets = _policy_columns(policy)
     if not 0 <= credits <= billing.MAX_NANO:
         raise ValueError(f"a key holds 0 to {billing.MAX_CREDITS} credits, not {billing.format_credits(credits)}")
     for name_, value in (("rpm", rpm), ("rpd", rpd)):
@@ -45,6 +54,8 @@ def create(conn: sqlite3.Connection, name: str, credits: int, rpm: int | None = 
             "INSERT INTO api_keys(name, key_hash, prefix, balance, rpm, rpd, created_at) VALUES (?, ?, ?, 0, ?, ?, ?)",
             (name, hash_key(key), key[:PREFIX_LEN], rpm, rpd, time.time()))
         billing.credit(conn, cur.lastrowid, credits, "grant")
+        for column, value in policy_sets.items():
+            conn.execute(f"UPDATE api_keys SET {column} = ? WHERE id = ?", (value, cur.lastrowid))
         conn.execute("COMMIT")
     except BaseException:
         conn.execute("ROLLBACK")
@@ -54,9 +65,11 @@ def create(conn: sqlite3.Connection, name: str, credits: int, rpm: int | None = 
 
 def lookup(conn: sqlite3.Connection, key: str) -> ApiKey | None:
     """The active key with this secret, or None (unknown or revoked)."""
-    row = conn.execute("SELECT id, name, prefix, rpm, rpd FROM api_keys WHERE key_hash = ? AND revoked_at IS NULL",
-                       (hash_key(key),)).fetchone()
-    return ApiKey(*row) if row else None
+    row = conn.execute("SELECT id, name, prefix, rpm, rpd, allowed_models, expires_at, daily_cap, monthly_cap"
+                       " FROM api_keys WHERE key_hash = ? AND revoked_at IS NULL", (hash_key(key),)).fetchone()
+    if row is None:
+        return None
+    return ApiKey(row[0], row[1], row[2], row[3], row[4], policies.load_allowed(row[5]), row[6], row[7], row[8])
 
 
 def topup(conn: sqlite3.Connection, key_id: int, amount: int) -> int:
@@ -90,3 +103,83 @@ def revoke(conn: sqlite3.Connection, key_id: int) -> bool:
 
 def list_all(conn: sqlite3.Connection) -> list[sqlite3.Row]:
     return conn.execute("SELECT id, name, prefix, balance, rpm, rpd, revoked_at FROM api_keys ORDER BY id").fetchall()
+
+
+POLICY_FIELDS = ("allowed_models", "expires_at", "daily_cap", "monthly_cap")
+UPDATABLE = ("name", "rpm", "rpd", *POLICY_FIELDS)
+
+
+def _policy_columns(policy: dict) -> dict[str, object]:
+    """Checked column values for the policy fields given (parsed values: list or None, float, nano-credits)."""
+    out: dict[str, object] = {}
+    for name, value in policy.items():
+        if name not in POLICY_FIELDS:
+            raise ValueError(f"unknown policy {name!r}")
+        if name == "allowed_models":
+            out[name] = None if value is None else json.dumps(policies.parse_allowed_models(value))
+        elif name == "expires_at":
+            out[name] = policies.parse_expiry(value)
+        else:
+            if value is not None and (not isinstance(value, int) or not 0 <= value <= billing.MAX_NANO):
+                raise ValueError(f"{name} must be 0 to {billing.MAX_CREDITS} credits or none")
+            out[name] = value
+    return out
+
+
+def update(conn: sqlite3.Connection, key_id: int, changes: dict[str, object]) -> sqlite3.Row:
+    """Change a key's name, limits or policies (parsed values; None clears a limit or policy); returns the row.
+
+    LookupError for an unknown key; ValueError, writing nothing, for a field or value out of bounds. The CLI,
+    the admin API and the admin page all change keys here.
+    """
+    sets: dict[str, object] = {}
+    for name, value in changes.items():
+        if name not in UPDATABLE:
+            raise ValueError(f"{name!r} cannot be changed; changeable: {', '.join(UPDATABLE)}")
+        if name == "name":
+            if not isinstance(value, str) or not value.strip() or len(value) > 200:
+                raise ValueError("name must be a non-empty string of at most 200 characters")
+            sets[name] = value.strip()
+        elif name in ("rpm", "rpd"):
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int)
+                                      or not 0 <= value <= MAX_LIMIT):
+                raise ValueError(f"{name} must be 0 (unlimited) to {MAX_LIMIT}, or null for the default")
+            sets[name] = value
+    sets.update(_policy_columns({k: v for k, v in changes.items() if k in POLICY_FIELDS}))
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        if conn.execute("SELECT 1 FROM api_keys WHERE id = ?", (key_id,)).fetchone() is None:
+            raise LookupError(f"no key with id {key_id}")
+        for column, value in sets.items():  # column names come from UPDATABLE only
+            conn.execute(f"UPDATE api_keys SET {column} = ? WHERE id = ?", (value, key_id))
+        conn.execute("COMMIT")
+    except BaseException:
+        conn.execute("ROLLBACK")
+        raise
+    return get(conn, key_id)
+
+
+_DETAIL = """
+    SELECT k.id, k.name, k.prefix, k.balance, k.rpm, k.rpd, k.created_at, k.revoked_at, k.allowed_models,
+           k.expires_at, k.daily_cap, k.monthly_cap,
+           COALESCE((SELECT SUM(amount) FROM holds h WHERE h.key_id = k.id), 0) AS held,
+           COALESCE((SELECT COUNT(*) FROM holds h WHERE h.key_id = k.id), 0) AS in_flight,
+           COALESCE((SELECT SUM(cost - uncollected) FROM usage u WHERE u.key_id = k.id AND u.created_at >= ?), 0)
+               AS spent_today,
+           COALESCE((SELECT SUM(cost - uncollected) FROM usage u WHERE u.key_id = k.id AND u.created_at >= ?), 0)
+               AS spent_month
+    FROM api_keys k"""
+
+
+def get(conn: sqlite3.Connection, key_id: int) -> sqlite3.Row:
+    """One key with its balance, holds and spend today and this month (UTC); LookupError if there is none."""
+    row = conn.execute(_DETAIL + " WHERE k.id = ?",
+                       (policies.day_start(), policies.month_start(), key_id)).fetchone()
+    if row is None:
+        raise LookupError(f"no key with id {key_id}")
+    return row
+
+
+def list_with_balances(conn: sqlite3.Connection) -> list[sqlite3.Row]:
+    """Every key with get()'s columns, by id; each sum reads one key's rows through usage_key_time."""
+    return conn.execute(_DETAIL + " ORDER BY k.id", (policies.day_start(), policies.month_start())).fetchall()

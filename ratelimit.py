@@ -9,6 +9,7 @@ from flask import Flask, Response, current_app, g
 from flask_limiter import ApplicationLimit, Limiter, RateLimitExceeded
 from limits.errors import ConfigurationError as LimitsConfigurationError
 
+import metrics
 from errors import ConfigError, RateLimitError, render
 
 
@@ -67,6 +68,7 @@ def register(app: Flask) -> Limiter:
         breached = next((rl for rl in limiter.current_limits if rl.breached), limiter.current_limit)
         retry = seconds_left(breached.window[0], time.time()) if breached else item.get_expiry()
         headers = {"Retry-After": str(retry)}
+        metrics.LIMITED.labels(per).inc()  # metrics hook
         if per == "day":
             # The official SDKs honour x-should-retry before Retry-After: without it the Node SDK sleeps the
             # rest of the day inside one call, and openai-python gives up only after retrying in vain.

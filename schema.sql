@@ -12,7 +12,12 @@ CREATE TABLE IF NOT EXISTS api_keys (
     rpm         INTEGER CHECK (rpm IS NULL OR rpm >= 0),   -- NULL: the config default; 0: unlimited
     rpd         INTEGER CHECK (rpd IS NULL OR rpd >= 0),
     created_at  REAL    NOT NULL,
-    revoked_at  REAL
+    revoked_at  REAL,
+    -- Policies (policies.py); NULL means none. Caps are nano-credits per UTC day / calendar month (UTC).
+    allowed_models TEXT,                          -- a JSON array of model ids the key may call
+    expires_at  REAL,                             -- unix time after which the key is refused with 401
+    daily_cap   INTEGER CHECK (daily_cap IS NULL OR daily_cap >= 0),
+    monthly_cap INTEGER CHECK (monthly_cap IS NULL OR monthly_cap >= 0)
 );
 
 -- Credits reserved for a request in flight; the row is deleted when the request settles, so this table
@@ -29,17 +34,18 @@ CREATE TABLE IF NOT EXISTS holds (
     created_at  REAL    NOT NULL
 );
 
--- Every change to what a key owns: grants and top-ups (+), charges (-).
+-- Every change to what a key owns: grants and top-ups (+), charges and operator corrections (-).
 CREATE TABLE IF NOT EXISTS ledger (
     id          INTEGER PRIMARY KEY,
     key_id      INTEGER NOT NULL REFERENCES api_keys(id),
     amount      INTEGER NOT NULL,
-    kind        TEXT    NOT NULL CHECK (kind IN ('grant', 'topup', 'charge')),
+    kind        TEXT    NOT NULL CHECK (kind IN ('grant', 'topup', 'charge', 'correction')),
     request_id  TEXT,
-    created_at  REAL    NOT NULL
+    created_at  REAL    NOT NULL,
+    reason      TEXT                              -- why an operator corrected the balance
 );
--- No index on key_id here or on usage: every request inserts into both, and each index would cost it a page
--- write; the audit and the usage listing scan instead.
+-- No index on key_id here: every request inserts into the ledger, and each index would cost it a page write;
+-- the audit scans instead. usage has two (below), measured in bench/admin_queries.py.
 
 -- One row per settled request (and per vision-bridge call, linked by parent_request_id).
 CREATE TABLE IF NOT EXISTS usage (
@@ -59,6 +65,10 @@ CREATE TABLE IF NOT EXISTS usage (
     latency_ms        INTEGER NOT NULL,
     created_at        REAL    NOT NULL
 );
+-- The admin usage listing and the spending caps read one key's rows by time; retention and the unfiltered
+-- listing read by time. Each adds a B-tree insert to every settled request (bench/admin_queries.py).
+CREATE INDEX IF NOT EXISTS usage_key_time ON usage(key_id, created_at);
+CREATE INDEX IF NOT EXISTS usage_time ON usage(created_at);
 
 -- Descriptions of images written by the vision bridge model, per key, by image hash. Per key because a shared
 -- cache told a key, through `cached` and a lower charge, that another tenant had sent the same image.

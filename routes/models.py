@@ -3,8 +3,9 @@ from __future__ import annotations
 
 from datetime import UTC, datetime
 
-from flask import Blueprint, current_app
+from flask import Blueprint, current_app, g
 
+import policies
 from config import ModelConfig
 from errors import ModelNotFoundError
 
@@ -32,13 +33,15 @@ def model_object(model: ModelConfig) -> dict:
 
 @bp.get("/v1/models")
 def list_models() -> dict:
-    return {"object": "list", "data": [model_object(m) for m in current_app.config["GATEWAY"].models.values()]}
+    # policy hook: a key with an allowed-models list sees only those
+    shown = policies.visible(g.api_key, current_app.config["GATEWAY"].models.values())
+    return {"object": "list", "data": [model_object(m) for m in shown]}
 
 
 @bp.get("/v1/models/<path:model_id>")
 def get_model(model_id: str) -> dict:
     model = current_app.config["GATEWAY"].models.get(model_id)
-    if model is None:
+    if model is None or not policies.may_use(g.api_key, model_id):  # policy hook
         raise ModelNotFoundError(f"The model `{model_id}` does not exist or you do not have access to it.",
                                  param="model")
     return model_object(model)

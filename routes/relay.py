@@ -2,12 +2,14 @@
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Callable, Iterator
 
 import gevent
 from gevent.queue import Empty, Queue
 
 import billing
+import metrics
 import tokens
 from config import ModelConfig, UpstreamConfig
 from errors import GatewayError, UpstreamError
@@ -83,6 +85,8 @@ class Relay:
         queue: Queue = Queue()
         reader = gevent.spawn(self._read, queue)
         status = 499  # a client that goes away never reaches the end
+        metrics.OPEN_STREAMS.inc()  # metrics hook
+        first = True
         try:
             wait, idle = CONNECTED_AFTER, b": connected\n\n"
             while True:
@@ -114,6 +118,9 @@ class Relay:
                     if queue.empty():
                         break
                     item = queue.get()
+                if first and batch:
+                    metrics.TTFT.labels(self.model.id).observe(time.monotonic() - self.ticket.started)  # metrics hook
+                    first = False
                 if done:
                     # Settle before the client sees the end, so a balance read after [DONE] is already current
                     # and the usage chunk shows what was really charged.
@@ -132,6 +139,7 @@ class Relay:
             self._settle(status)  # what was delivered is charged; the client still gets the error
             yield self._failed(exc)
         finally:
+            metrics.OPEN_STREAMS.dec()  # metrics hook
             reader.kill(block=True, timeout=2)
             self.stream.close()
             self._settle(status)
