@@ -21,7 +21,8 @@ import requests
 
 import db
 from tests.conformance.validate import validate
-from tests.conftest import Gateway, Raw
+from tests.conftest import Raw
+from tests.gateway import Gateway
 from tests.image_server import BIG_BYTES, CAT_JPG, CAT_PNG, ImageServer, make_png
 
 NANO = 10**9
@@ -85,7 +86,7 @@ def images() -> Iterator[ImageServer]:
         yield srv
 
 
-FENCE_SITE = str(Path(__file__).resolve().parent / "netguard_site")
+FENCE_SITE = str(Path(__file__).resolve().parents[1] / "netguard_site")
 
 
 @pytest.fixture(scope="module")

@@ -57,7 +57,7 @@ def chunked(payload: bytes, size: int = 1000) -> bytes:
 @pytest.fixture(scope="module")
 def small(gateway_config):
     """A gateway with a small body limit, so that over-limit bodies are cheap to send."""
-    from tests.conftest import Gateway
+    from tests.gateway import Gateway
     tmp, cfg = gateway_config()
     cfg["server"]["max_body_bytes"] = MAX_BODY
     gw = Gateway(tmp, cfg).start()

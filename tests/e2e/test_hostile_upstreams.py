@@ -223,7 +223,7 @@ def test_a_crlf_stream_split_inside_every_line_ending_succeeds(gateway):
 @pytest.fixture(scope="module")
 def tight(request, gateway_config):
     """A gateway whose 'fake' upstream has a 1.5 s deadline and a 1 MiB answer limit."""
-    from tests.conftest import Gateway
+    from tests.gateway import Gateway
     tmp, cfg = gateway_config()
     cfg["upstreams"]["fake"].update(total_timeout_seconds=1.5, max_response_bytes=1 << 20)
     gw = Gateway(tmp, cfg).start()
