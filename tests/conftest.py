@@ -61,7 +61,7 @@ def to_toml(cfg: dict) -> str:
 def base_config(tmp: Path, openai_url: str, gemini_url: str, lyria_url: str) -> dict:
     """The test deployment: every model kind, each pointed at its fake."""
     return {
-        "server": {"database": str(tmp / "gateway.db"), "heartbeat_seconds": 1},
+        "server": {"database": str(tmp / "gateway.db"), "heartbeat_seconds": 0.2},
         "limits": {"default_rpm": 0, "default_rpd": 0},
         "upstreams": {
             "fake": {"kind": "openai", "base_url": openai_url, "api_key_env": "TEST_UPSTREAM_KEY",

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import pytest
 
+import db
 from tests.gateway import LIVE, LOG_TAIL, Gateway
 
 
@@ -60,3 +61,16 @@ def make_gateway(gateway_config):
 def key(gateway):
     """A fresh funded key on the shared gateway: (id, secret)."""
     return gateway.create_key("10")
+
+
+@pytest.fixture
+def make_deployment(gateway_config):
+    """A test deployment for operator commands only (gw.flask, gw.db): its config and a ready database, and no
+    server process, which `flask --app app ...` never needs. Starting gunicorn for these cost a start-up each."""
+    def make(change=None) -> Gateway:
+        tmp, cfg = gateway_config()
+        if change:
+            change(cfg)
+        db.init(cfg["server"]["database"])  # what gunicorn's on_starting does before a server exists
+        return Gateway(tmp, cfg)
+    return make

@@ -118,7 +118,7 @@ def test_holds_of_a_killed_process_come_back_on_restart(make_gateway):
 
 
 def test_heartbeat_notices_a_vanished_client_while_the_upstream_is_silent(make_gateway):
-    """The upstream waits 4 s per chunk; pings every second reveal the closed client long before that."""
+    """The upstream waits 4 s per chunk; pings every heartbeat (0.2 s in the tests) reveal the closed client long before that."""
     def patient(cfg):  # the shared gateway's 2 s upstream timeout would end the stream first
         cfg["upstreams"]["fake"]["timeout_seconds"] = 10
     gateway = make_gateway(patient)
@@ -140,7 +140,7 @@ def test_silent_upstream_gets_pings(gateway):
     _, secret = gateway.create_key("1")
     r = requests.post(f"{gateway.base_url}/chat/completions", headers={"Authorization": f"Bearer {secret}"},
                       json={"model": "gpt-test", "stream": True,
-                            "messages": [{"role": "user", "content": "x [chunks=2] [delay=1.6]"}]}, timeout=30)
+                            "messages": [{"role": "user", "content": "x [chunks=2] [delay=0.5]"}]}, timeout=30)
     assert ": ping" in r.text
     assert r.text.rstrip().endswith("data: [DONE]")
 
