@@ -118,7 +118,8 @@ def test_holds_of_a_killed_process_come_back_on_restart(make_gateway):
 
 
 def test_heartbeat_notices_a_vanished_client_while_the_upstream_is_silent(make_gateway):
-    """The upstream waits 4 s per chunk; pings every heartbeat (0.2 s in the tests) reveal the closed client long before that."""
+    """The upstream waits 4 s per chunk; pings every heartbeat (0.2 s in the tests) reveal the closed client long
+    before that."""
     def patient(cfg):  # the shared gateway's 2 s upstream timeout would end the stream first
         cfg["upstreams"]["fake"]["timeout_seconds"] = 10
     gateway = make_gateway(patient)
