@@ -141,11 +141,16 @@ def gateway(gateway_config, upstream_keys):
     """One in-process app of the test deployment, shared by the tier (tests make their own keys)."""
     tmp, cfg = gateway_config()
     gw = InProcGateway(tmp, cfg)
+    # The gateway's own logger and the root one (libraries: urllib3, websockets), so that a log check here sees
+    # what gunicorn's log file would hold.
     handler = logging.FileHandler(gw.log_path)
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s %(message)s"))
-    logging.getLogger("gateway").addHandler(handler)
+    loggers = [logging.getLogger("gateway"), logging.getLogger()]
+    for logger in loggers:
+        logger.addHandler(handler)
     yield gw
-    logging.getLogger("gateway").removeHandler(handler)
+    for logger in loggers:
+        logger.removeHandler(handler)
     handler.close()
 
 
