@@ -130,3 +130,13 @@ def count_tokens(tmp_path_factory):
     import tokens
     tokens.seed_cache(str(tmp_path_factory.mktemp("tiktoken")))
     return tokens.count
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Tests marked `long` run first, longest first. pytest-xdist hands out its first tests one at a time,
+    round-robin, so each worker starts on a long test and short ones fill the time around it, instead of a long
+    one starting last and running alone at the end."""
+    def weight(item: pytest.Item) -> float:
+        mark = item.get_closest_marker("long")
+        return -mark.kwargs.get("seconds", 1) if mark else 0
+    items.sort(key=weight)  # stable: the order of everything else stays

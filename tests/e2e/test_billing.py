@@ -9,6 +9,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 import openai
+import pytest
 import requests
 
 import billing
@@ -64,6 +65,7 @@ def test_overage_is_collected_down_to_zero_and_recorded(gateway):
     assert gateway.flask("audit").returncode == 0
 
 
+@pytest.mark.long(seconds=8)
 def test_concurrent_requests_never_overdraw(make_gateway):
     gw = make_gateway(workers=2)
     key_id, secret = gw.create_key("0.001")  # each request holds ~0.000166 and costs 0.000164
@@ -88,6 +90,7 @@ def test_concurrent_requests_never_overdraw(make_gateway):
     assert audit.returncode == 0, audit.stdout + audit.stderr
 
 
+@pytest.mark.long(seconds=5)
 def test_holds_of_a_killed_process_come_back_on_restart(make_gateway):
     gw = make_gateway()
     key_id, secret = gw.create_key("1")

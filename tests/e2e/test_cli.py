@@ -12,6 +12,7 @@ import pytest
 from tests.conftest import ROOT
 
 
+@pytest.mark.long(seconds=13)
 def test_key_lifecycle_and_audit(gateway):
     created = gateway.flask("keys", "create", "--name", "alice", "--credits", "0.5", "--rpm", "7")
     assert created.returncode == 0, created.stderr
@@ -76,6 +77,7 @@ def _one_sentence(result, *words: str) -> None:
         assert word in lines[0], lines[0]
 
 
+@pytest.mark.long(seconds=6)
 def test_topup_past_the_bound_writes_nothing(make_deployment):
     gw = make_deployment()
     key_id, _ = gw.create_key("1")
@@ -114,6 +116,7 @@ def test_huge_key_id_is_a_usage_error_not_a_traceback(gateway):
     assert result.returncode == 2 and "Traceback" not in result.stderr and "KEY_ID" in result.stderr
 
 
+@pytest.mark.long(seconds=7)
 def test_parallel_creates_all_succeed(make_deployment):
     gw = make_deployment()
     flask = str(Path(sys.executable).with_name("flask"))

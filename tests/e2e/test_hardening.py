@@ -213,6 +213,7 @@ def test_every_request_gets_one_log_line(make_gateway):
                      gw.log())
 
 
+@pytest.mark.long(seconds=30)
 def test_start_up_is_safe_with_four_workers(make_gateway):
     """Four workers booting at once on a fresh database, five times: every start serves and audits clean."""
     for _ in range(5):

@@ -221,6 +221,7 @@ def test_a_settlement_that_keeps_failing_returns_the_hold(gateway):
     assert gateway.flask("audit").returncode == 0
 
 
+@pytest.mark.long(seconds=22)
 def test_cli_commands_and_other_workers_never_release_a_live_stream(make_gateway):
     """hold_ttl_seconds is 3; the stream lasts about 20 s; `keys list`, `audit` and a second gateway starting on
     the same database run meanwhile. The stream is charged in full afterwards."""
