@@ -40,10 +40,10 @@ PYTEST = PYTHONDONTWRITEBYTECODE= $(BIN)/python -m pytest -q
 
 test: $(VENV)/.dev
 	$(BIN)/ruff check .
-	$(PYTEST) -n $(TEST_WORKERS)
+	$(PYTEST) -n $(TEST_WORKERS) --dist loadgroup
 
 test-unit test-inproc test-e2e: test-%: $(VENV)/.dev
-	$(PYTEST) -n $(TEST_WORKERS) tests/$*
+	$(PYTEST) -n $(TEST_WORKERS) --dist loadgroup tests/$*
 
 fuzz: $(VENV)/.dev
 	FUZZ_EXAMPLES=$${FUZZ_EXAMPLES:-5000} $(BIN)/python -m pytest -q tests/e2e/test_fuzz.py

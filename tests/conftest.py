@@ -140,3 +140,12 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
         mark = item.get_closest_marker("long")
         return -mark.kwargs.get("seconds", 1) if mark else 0
     items.sort(key=weight)  # stable: the order of everything else stays
+    for item in items:
+        # A module's own module-scoped fixtures (a gateway started with that module's config, an image server)
+        # are set up once per xdist worker that runs one of its tests: keeping such tests on one worker
+        # (`--dist loadgroup`) starts each of them once.
+        module = item.nodeid.split("::")[0]
+        fixtures = getattr(item, "_fixtureinfo", None)
+        defs = fixtures.name2fixturedefs.values() if fixtures else ()
+        if any(d[-1].scope == "module" and d[-1].baseid.split("::")[0] == module for d in defs if d):
+            item.add_marker(pytest.mark.xdist_group(module))
