@@ -1,24 +1,20 @@
-"""Shared fixtures: fake upstreams on 127.0.0.1 and the gateway as a real gunicorn + gevent server."""
+"""Shared by every tier: the fake upstreams on 127.0.0.1 and the test deployment's config.
+
+The gunicorn gateway and its fixtures are in tests/gateway.py and tests/e2e/conftest.py; the in-process app in
+tests/inproc/conftest.py.
+"""
 from __future__ import annotations
 
-import os
-import signal
 import socket
-import sqlite3
-import subprocess
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
 import pytest
-import requests
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-import billing  # noqa: E402
-import keys  # noqa: E402
 from tests.fake_gemini import FakeGemini  # noqa: E402
 from tests.fake_lyria import FakeLyria  # noqa: E402
 from tests.fake_openai import FakeOpenAI  # noqa: E402
@@ -65,7 +61,7 @@ def to_toml(cfg: dict) -> str:
 def base_config(tmp: Path, openai_url: str, gemini_url: str, lyria_url: str) -> dict:
     """The test deployment: every model kind, each pointed at its fake."""
     return {
-        "server": {"database": str(tmp / "gateway.db"), "heartbeat_seconds": 1},
+        "server": {"database": str(tmp / "gateway.db"), "heartbeat_seconds": 0.2},
         "limits": {"default_rpm": 0, "default_rpd": 0},
         "upstreams": {
             "fake": {"kind": "openai", "base_url": openai_url, "api_key_env": "TEST_UPSTREAM_KEY",
@@ -101,137 +97,6 @@ def base_config(tmp: Path, openai_url: str, gemini_url: str, lyria_url: str) -> 
     }
 
 
-LIVE: list[Gateway] = []  # gateways started and not yet stopped, whose logs a failing test report shows
-LOG_TAIL = 6000
-
-
-@pytest.hookimpl(tryfirst=True)
-def pytest_runtest_setup(item: pytest.Item) -> None:
-    item.stash[_OFFSETS] = {id(gw): gw.log_size() for gw in LIVE}
-
-
-@pytest.hookimpl(hookwrapper=True)
-def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo):
-    """A failing test's report carries what each gateway logged during it: its own error, not only the client's."""
-    outcome = yield
-    report = outcome.get_result()
-    if report.when != "call" or not report.failed:
-        return
-    offsets = item.stash.get(_OFFSETS, {})
-    for gw in LIVE:
-        text = gw.log_since(offsets.get(id(gw), 0))
-        if text.strip():
-            at = text.find("Traceback")
-            shown = text[max(at - 500, 0):][:LOG_TAIL] if at >= 0 else text[-LOG_TAIL:]
-            report.sections.append((f"gateway log {gw.url} (during this test)", shown))
-
-
-_OFFSETS = pytest.StashKey[dict]()
-
-
-class Gateway:
-    """The gateway run as users run it: gunicorn with the gevent worker, on a free port of 127.0.0.1."""
-
-    def __init__(self, tmp: Path, cfg: dict, workers: int = 1, env: dict[str, str] | None = None) -> None:
-        self.tmp = tmp
-        self.cfg = cfg
-        self.db_path = cfg["server"]["database"]
-        self.config_path = tmp / "config.toml"
-        self.config_path.write_text(to_toml(cfg))
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.base_url = f"{self.url}/v1"
-        self.log_path = tmp / f"gateway-{self.port}.log"
-        self.env = {**os.environ, "GATEWAY_CONFIG": str(self.config_path), "PORT": str(self.port),
-                    "WORKERS": str(workers), "TEST_UPSTREAM_KEY": UPSTREAM_KEY, "TEST_GEMINI_KEY": GEMINI_KEY,
-                    **(env or {})}
-        self.env.pop("TEST_MISSING_KEY", None)
-        self.proc: subprocess.Popen | None = None
-
-    def start(self) -> Gateway:
-        LIVE.append(self)
-        log = open(self.log_path, "ab")
-        self.proc = subprocess.Popen([GUNICORN, "-c", "gunicorn.conf.py", "app:create_app()"], cwd=ROOT, env=self.env,
-                                     stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-        deadline = time.monotonic() + 20
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"gateway exited: {self.log()}")
-            try:
-                if requests.get(f"{self.url}/health", timeout=1).status_code == 200:
-                    return self
-            except requests.RequestException:
-                time.sleep(0.1)
-        raise RuntimeError(f"gateway did not start: {self.log()}")
-
-    def stop(self, sig: int = signal.SIGINT) -> None:
-        if self in LIVE:
-            LIVE.remove(self)
-        if self.proc and self.proc.poll() is None:
-            os.killpg(self.proc.pid, sig)
-            try:
-                self.proc.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait()
-
-    def log_size(self) -> int:
-        return self.log_path.stat().st_size if self.log_path.exists() else 0
-
-    def log_since(self, offset: int) -> str:
-        if not self.log_path.exists():
-            return ""
-        with open(self.log_path, "rb") as f:
-            f.seek(offset)
-            return f.read().decode(errors="replace")
-
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
-
-    def db(self) -> sqlite3.Connection:
-        conn = sqlite3.connect(self.db_path, isolation_level=None, timeout=10)
-        conn.row_factory = sqlite3.Row
-        return conn
-
-    def create_key(self, credits: str = "10", rpm: int | None = None, rpd: int | None = None,
-                   name: str = "test") -> tuple[int, str]:
-        conn = self.db()
-        try:
-            return keys.create(conn, name, billing.parse_credits(credits), rpm, rpd)
-        finally:
-            conn.close()
-
-    def balance(self, key_id: int) -> int:
-        conn = self.db()
-        try:
-            return conn.execute("SELECT balance FROM api_keys WHERE id = ?", (key_id,)).fetchone()[0]
-        finally:
-            conn.close()
-
-    def usage(self, key_id: int) -> list[sqlite3.Row]:
-        conn = self.db()
-        try:
-            return conn.execute("SELECT * FROM usage WHERE key_id = ? ORDER BY id", (key_id,)).fetchall()
-        finally:
-            conn.close()
-
-    def open_holds(self, key_id: int) -> int:
-        conn = self.db()
-        try:
-            return conn.execute("SELECT COUNT(*) FROM holds WHERE key_id = ?", (key_id,)).fetchone()[0]
-        finally:
-            conn.close()
-
-    def flask(self, *args: str) -> subprocess.CompletedProcess:
-        """Run an operator command (`flask --app app ...`) against this gateway's config."""
-        return subprocess.run([str(Path(sys.executable).with_name("flask")), "--app", "app", *args], cwd=ROOT,
-                              env=self.env, capture_output=True, text=True, timeout=60)
-
-    def client(self, key: str, **kw: Any):
-        import openai
-        return openai.OpenAI(base_url=self.base_url, api_key=key, **{"max_retries": 0, **kw})
-
-
 @pytest.fixture(scope="session")
 def fake_openai():
     with FakeOpenAI(UPSTREAM_KEY) as fake:
@@ -260,31 +125,6 @@ def gateway_config(tmp_path_factory, fake_openai, fake_gemini, fake_lyria):
 
 
 @pytest.fixture(scope="session")
-def gateway(gateway_config):
-    tmp, cfg = gateway_config()
-    gw = Gateway(tmp, cfg).start()
-    yield gw
-    gw.stop()
-
-
-@pytest.fixture
-def make_gateway(gateway_config):
-    """Start extra gateways with changed config: make_gateway(lambda cfg: ..., workers=1, env=None)."""
-    started: list[Gateway] = []
-
-    def make(change=None, workers: int = 1, env: dict[str, str] | None = None) -> Gateway:
-        tmp, cfg = gateway_config()
-        if change:
-            change(cfg)
-        gw = Gateway(tmp, cfg, workers, env).start()
-        started.append(gw)
-        return gw
-    yield make
-    for gw in started:
-        gw.stop()
-
-
-@pytest.fixture(scope="session")
 def count_tokens(tmp_path_factory):
     """tokens.count in the test process, from the BPE files shipped in the wheel (no network)."""
     import tokens
@@ -292,7 +132,20 @@ def count_tokens(tmp_path_factory):
     return tokens.count
 
 
-@pytest.fixture
-def key(gateway):
-    """A fresh funded key on the shared gateway: (id, secret)."""
-    return gateway.create_key("10")
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Tests marked `long` run first, longest first. pytest-xdist hands out its first tests one at a time,
+    round-robin, so each worker starts on a long test and short ones fill the time around it, instead of a long
+    one starting last and running alone at the end."""
+    def weight(item: pytest.Item) -> float:
+        mark = item.get_closest_marker("long")
+        return -mark.kwargs.get("seconds", 1) if mark else 0
+    items.sort(key=weight)  # stable: the order of everything else stays
+    for item in items:
+        # A module's own module-scoped fixtures (a gateway started with that module's config, an image server)
+        # are set up once per xdist worker that runs one of its tests: keeping such tests on one worker
+        # (`--dist loadgroup`) starts each of them once.
+        module = item.nodeid.split("::")[0]
+        fixtures = getattr(item, "_fixtureinfo", None)
+        defs = fixtures.name2fixturedefs.values() if fixtures else ()
+        if any(d[-1].scope == "module" and d[-1].baseid.split("::")[0] == module for d in defs if d):
+            item.add_marker(pytest.mark.xdist_group(module))

@@ -57,7 +57,7 @@ def chunked(payload: bytes, size: int = 1000) -> bytes:
 @pytest.fixture(scope="module")
 def small(gateway_config):
     """A gateway with a small body limit, so that over-limit bodies are cheap to send."""
-    from tests.conftest import Gateway
+    from tests.gateway import Gateway
     tmp, cfg = gateway_config()
     cfg["server"]["max_body_bytes"] = MAX_BODY
     gw = Gateway(tmp, cfg).start()
@@ -213,6 +213,7 @@ def test_every_request_gets_one_log_line(make_gateway):
                      gw.log())
 
 
+@pytest.mark.long(seconds=30)
 def test_start_up_is_safe_with_four_workers(make_gateway):
     """Four workers booting at once on a fresh database, five times: every start serves and audits clean."""
     for _ in range(5):

@@ -1,8 +1,6 @@
 """config.toml validation: a bad file stops start-up with one sentence that names the key and the fix."""
 from __future__ import annotations
 
-import subprocess
-import sys
 import tomllib
 from decimal import Decimal
 from pathlib import Path
@@ -11,7 +9,7 @@ import pytest
 
 import config
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 GOOD = """
 [upstreams.u]
 kind = "openai"
@@ -64,17 +62,6 @@ def test_bad_config_names_the_key(text, words):
     assert words in str(exc.value)
 
 
-def test_server_refuses_to_start_with_one_sentence(tmp_path):
-    bad = tmp_path / "config.toml"
-    bad.write_text(GOOD + "[server]\nmax_body_bytes = \"big\"\n")
-    gunicorn = str(Path(sys.executable).with_name("gunicorn"))
-    done = subprocess.run([gunicorn, "-c", "gunicorn.conf.py", "app:create_app()"], cwd=ROOT, capture_output=True,
-                          text=True, timeout=60, env={"GATEWAY_CONFIG": str(bad), "PORT": "1", "PATH": "/usr/bin:/bin"})
-    assert done.returncode != 0
-    assert "gateway: [server].max_body_bytes must be a whole number" in done.stderr
-    assert "Traceback" not in done.stderr
-
-
 @pytest.mark.parametrize("text,words", [
     (GOOD.replace("0.075", "inf"), "input_price must be a price of zero or more"),
     (GOOD.replace("0.075", "nan"), "input_price must be a price of zero or more"),
@@ -124,23 +111,6 @@ def test_unusable_database_path_is_one_sentence(tmp_path, where):
         db.init(str(path))
     assert str(exc.value).startswith(f"[server].database = '{path}'")
     assert ("is a directory" if where == "directory" else "cannot be created") in str(exc.value)
-
-
-@pytest.mark.parametrize("setting", ['database = "{tmp}"', 'database = "{tmp}/f/gw.db"', "max_body_bytes = 0"])
-def test_server_start_refused_with_one_sentence(tmp_path, setting):
-    (tmp_path / "f").write_text("a file, not a directory")
-    bad = tmp_path / "config.toml"
-    bad.write_text(GOOD + "[server]\n" + setting.format(tmp=tmp_path) + "\n")
-    gunicorn = str(Path(sys.executable).with_name("gunicorn"))
-    done = subprocess.run([gunicorn, "-c", "gunicorn.conf.py", "app:create_app()"], cwd=ROOT, capture_output=True,
-                          text=True, timeout=60, env={"GATEWAY_CONFIG": str(bad), "PORT": "1", "PATH": "/usr/bin:/bin"})
-    assert done.returncode != 0
-    assert "gateway: [server]." in done.stderr
-    assert "Traceback" not in done.stderr
-    flask = str(Path(sys.executable).with_name("flask"))
-    done = subprocess.run([flask, "--app", "app", "keys", "list"], cwd=ROOT, capture_output=True, text=True,
-                          timeout=60, env={"GATEWAY_CONFIG": str(bad), "PATH": "/usr/bin:/bin"})
-    assert done.returncode != 0 and "gateway: [server]." in done.stderr and "Traceback" not in done.stderr
 
 
 def test_storage_without_its_driver_is_refused_before_start():

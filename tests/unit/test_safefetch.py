@@ -466,7 +466,7 @@ GEVENT_SCRIPT = textwrap.dedent("""
 def test_under_gevent(server: ImageServer) -> None:
     """Greenlets fetch side by side, and the deadline also cuts off a DNS lookup, which socket timeouts cannot."""
     done = subprocess.run([sys.executable, "-c", GEVENT_SCRIPT, str(server.port)], check=False, capture_output=True,
-                          text=True, timeout=20, cwd=str(Path(__file__).resolve().parent.parent))
+                          text=True, timeout=20, cwd=str(Path(__file__).resolve().parents[2]))
     assert done.returncode == 0, done.stderr
     out = json.loads(done.stdout)
     hang, cat, trickle = out["results"]

@@ -21,7 +21,8 @@ import requests
 
 import db
 from tests.conformance.validate import validate
-from tests.conftest import Gateway, Raw
+from tests.conftest import Raw
+from tests.gateway import Gateway
 from tests.image_server import BIG_BYTES, CAT_JPG, CAT_PNG, ImageServer, make_png
 
 NANO = 10**9
@@ -85,7 +86,7 @@ def images() -> Iterator[ImageServer]:
         yield srv
 
 
-FENCE_SITE = str(Path(__file__).resolve().parent / "netguard_site")
+FENCE_SITE = str(Path(__file__).resolve().parents[1] / "netguard_site")
 
 
 @pytest.fixture(scope="module")
@@ -338,11 +339,21 @@ def test_remote_image_hold_assumes_a_bridge_call(gateway, fake_openai, images):
     assert NANO - gateway.balance(key_id) == BRIDGE_COST + 2 * TEXT_COST and gateway.open_holds(key_id) == 0
 
 
+@pytest.fixture(scope="module")
+def forty_images(gateway_config, fence_log):
+    """A gateway that accepts 40 images a request, shared by both models' cases (each with its own key)."""
+    tmp, cfg = gateway_config()
+    cfg["vision"].update(max_images=40)
+    gw = Gateway(tmp, cfg, env=fence_env(fence_log)).start()
+    yield gw
+    gw.stop()
+
+
 @pytest.mark.parametrize("model", ["gpt-text", "gemini-test"])
-def test_key_that_cannot_pay_downloads_nothing(make_gateway, fake_openai, images, model):
+def test_key_that_cannot_pay_downloads_nothing(forty_images, fake_openai, images, model):
     """The issue's case: a 0-credit key sent 40 large image URLs and the gateway fetched them all before its 402.
     Now the 402 comes before any fetch: not one request reaches the image server."""
-    gw = make_gateway(lambda cfg: cfg["vision"].update(max_images=40))
+    gw = forty_images
     key_id, secret = gw.create_key("0")
     before = sum(images.counts.values())
     sent = len(fake_openai.requests)

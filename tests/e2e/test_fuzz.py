@@ -25,7 +25,7 @@ from hypothesis import HealthCheck, given, seed, settings
 from hypothesis import strategies as st
 
 import billing
-from tests.conftest import Gateway
+from tests.gateway import Gateway
 
 # Shrinking a failure that holds a 5,000-character string prints large reprs; the warning says nothing new.
 pytestmark = pytest.mark.filterwarnings("ignore::hypothesis.errors.HypothesisWarning")

@@ -24,7 +24,7 @@ from providers.base import MusicResult
 from routes.music import wav_bytes
 from tests.fake_lyria import FakeLyria
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 KEY = "lyria-secret-key-123"
 ENV = "LYRIA_TEST_KEY"
 PIANO = [{"text": "solo piano", "weight": 1.0}]

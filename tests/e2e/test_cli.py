@@ -12,6 +12,7 @@ import pytest
 from tests.conftest import ROOT
 
 
+@pytest.mark.long(seconds=13)
 def test_key_lifecycle_and_audit(gateway):
     created = gateway.flask("keys", "create", "--name", "alice", "--credits", "0.5", "--rpm", "7")
     assert created.returncode == 0, created.stderr
@@ -38,8 +39,8 @@ def test_key_lifecycle_and_audit(gateway):
     assert "revoked" in gateway.flask("keys", "list").stdout
 
 
-def test_audit_catches_a_tampered_balance(make_gateway):
-    gw = make_gateway()
+def test_audit_catches_a_tampered_balance(make_deployment):
+    gw = make_deployment()
     key_id, _ = gw.create_key("1")
     assert gw.flask("audit").returncode == 0
     conn = sqlite3.connect(gw.db_path)
@@ -76,8 +77,9 @@ def _one_sentence(result, *words: str) -> None:
         assert word in lines[0], lines[0]
 
 
-def test_topup_past_the_bound_writes_nothing(make_gateway):
-    gw = make_gateway()
+@pytest.mark.long(seconds=6)
+def test_topup_past_the_bound_writes_nothing(make_deployment):
+    gw = make_deployment()
     key_id, _ = gw.create_key("1")
     ok = gw.flask("keys", "topup", str(key_id), "900000000")
     assert ok.returncode == 0, ok.stderr
@@ -101,8 +103,8 @@ def test_topup_past_the_bound_writes_nothing(make_gateway):
     (["--credits", "1", "--rpd", str(2**66)], ["No key was created", f"--rpd '{2**66}'"]),
     (["--credits", "1", "--rpm", "-1"], ["--rpm '-1' must be a whole number"]),
 ])
-def test_create_with_bad_values_is_one_sentence(make_gateway, args, words):
-    gw = make_gateway()
+def test_create_with_bad_values_is_one_sentence(make_deployment, args, words):
+    gw = make_deployment()
     _one_sentence(gw.flask("keys", "create", "--name", "big", *args), *words)
     conn = sqlite3.connect(gw.db_path)
     assert conn.execute("SELECT COUNT(*) FROM api_keys").fetchone()[0] == 0
@@ -114,8 +116,9 @@ def test_huge_key_id_is_a_usage_error_not_a_traceback(gateway):
     assert result.returncode == 2 and "Traceback" not in result.stderr and "KEY_ID" in result.stderr
 
 
-def test_parallel_creates_all_succeed(make_gateway):
-    gw = make_gateway()
+@pytest.mark.long(seconds=7)
+def test_parallel_creates_all_succeed(make_deployment):
+    gw = make_deployment()
     flask = str(Path(sys.executable).with_name("flask"))
     procs = [subprocess.Popen([flask, "--app", "app", "keys", "create", "--name", f"student{i}", "--credits", "2"],
                               cwd=ROOT, env=gw.env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -132,8 +135,8 @@ def test_parallel_creates_all_succeed(make_gateway):
     assert audit.returncode == 0 and "10 keys" in audit.stdout
 
 
-def test_a_lock_held_past_the_wait_says_nothing_was_written(make_gateway, monkeypatch):
-    gw = make_gateway()
+def test_a_lock_held_past_the_wait_says_nothing_was_written(make_deployment, monkeypatch):
+    gw = make_deployment()
     key_id, _ = gw.create_key("1")
     holder = sqlite3.connect(gw.db_path, isolation_level=None)
     holder.execute("BEGIN IMMEDIATE")  # another writer that never lets go

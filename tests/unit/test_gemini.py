@@ -25,7 +25,7 @@ from providers import gemini
 from tests.fake_gemini import FakeGemini, png_for
 
 KEY = "test-key-AIzaSy-0123456789abcdef"
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 
 # Pure functions

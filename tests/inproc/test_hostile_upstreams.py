@@ -1,11 +1,9 @@
-"""Hostile upstreams through the real gateway: echoed credentials never reach a client or the log, and no upstream
-(an unending event, CRLF split reads, a drip, an oversized answer) freezes a worker or costs the client anything."""
+"""Hostile upstreams in process: an echoed credential never reaches a client or the log, and odd upstream
+answers (Retry-After: inf) or client numbers (400 digits) are clean refusals that cost nothing."""
 from __future__ import annotations
 
 import json
 import re
-import threading
-import time
 
 import openai
 import pytest
@@ -45,7 +43,7 @@ def assert_free(gw, key_id: int, funded: int, status: int) -> None:
 
 
 def _post(gw, secret: str, path: str, body: dict, **kw) -> requests.Response:
-    return requests.post(f"{gw.base_url}/{path}", headers={"Authorization": f"Bearer {secret}"}, json=body,
+    return gw.http.post(f"{gw.base_url}/{path}", headers={"Authorization": f"Bearer {secret}"}, json=body,
                          timeout=60, **kw)
 
 
@@ -165,94 +163,11 @@ def test_a_400_digit_music_number_is_a_400(gateway):
     for body, param in ((f'{{"prompt": "jazz", "duration_seconds": {huge}}}', "duration_seconds"),
                         (f'{{"prompt": "jazz", "music_generation_config": {{"bpm": {huge}}}}}',
                          "music_generation_config.bpm")):
-        r = requests.post(f"{gateway.base_url}/audio/music", data=body, timeout=30,
+        r = gateway.http.post(f"{gateway.base_url}/audio/music", data=body, timeout=30,
                           headers={"Authorization": f"Bearer {secret}", "Content-Type": "application/json"})
         assert r.status_code == 400, r.text  # was a 500 (OverflowError)
         assert r.json()["error"]["param"] == param
     assert gateway.balance(key_id) == NANO and gateway.open_holds(key_id) == 0
 
 
-# No upstream freezes a worker.
 
-def test_an_unending_event_is_a_502_while_health_stays_fast(gateway):
-    key_id, secret = gateway.create_key("1")
-    worst: list[float] = []
-    done = threading.Event()
-
-    def probe() -> None:
-        while not done.is_set():
-            started = time.monotonic()
-            requests.get(f"{gateway.url}/health", timeout=30)
-            worst.append(time.monotonic() - started)
-            time.sleep(0.02)
-
-    prober = threading.Thread(target=probe)
-    prober.start()
-    started = time.monotonic()
-    try:
-        r = _post(gateway, secret, "chat/completions",
-                  {"model": "gpt-test", "stream": True,
-                   "messages": [{"role": "user", "content": "hi [huge-event=30]"}]})
-        elapsed = time.monotonic() - started
-        text = r.text
-    finally:
-        done.set()
-        prober.join()
-    error = _sse_error(text)
-    assert error["code"] == "upstream_error" and "larger than" in error["message"]
-    assert elapsed < 15  # stopped at the 4 MiB cap, not after 30 MiB (60 MiB got the worker killed before)
-    assert max(worst) < 1.5, worst  # 10 MiB used to stall /health for 2 s
-    assert_free(gateway, key_id, NANO, 502)
-
-
-def test_a_crlf_stream_split_inside_every_line_ending_succeeds(gateway):
-    key_id, secret = gateway.create_key("1")
-    stream = gateway.client(secret).chat.completions.create(
-        model="gpt-test", stream=True, stream_options={"include_usage": True},
-        messages=[{"role": "user", "content": "hi [crlf]"}])
-    chunks = list(stream)
-    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
-    assert text == "tok0 tok1 tok2 tok3 "
-    assert chunks[-1].usage.prompt_tokens == 11 and chunks[-1].usage.completion_tokens == 4
-    cost = -(-(11 * 400_000_000 + 4 * 1_600_000_000) // 10**6)  # 0.40 and 1.60 credits per million tokens
-    assert gateway.balance(key_id) == NANO - cost
-    assert gateway.open_holds(key_id) == 0
-    assert gateway.usage(key_id)[-1]["status"] == 200
-
-
-@pytest.fixture(scope="module")
-def tight(request, gateway_config):
-    """A gateway whose 'fake' upstream has a 1.5 s deadline and a 1 MiB answer limit."""
-    from tests.conftest import Gateway
-    tmp, cfg = gateway_config()
-    cfg["upstreams"]["fake"].update(total_timeout_seconds=1.5, max_response_bytes=1 << 20)
-    gw = Gateway(tmp, cfg).start()
-    yield gw
-    gw.stop()
-
-
-@pytest.mark.parametrize("word, stream", [("[drip]", False), ("[drip-headers]", False), ("[drip-headers]", True)])
-def test_a_drip_ends_at_the_deadline_with_504(tight, word, stream):
-    key_id, secret = tight.create_key("1")
-    started = time.monotonic()
-    r = _post(tight, secret, "chat/completions",
-              {"model": "gpt-test", "stream": stream, "messages": [{"role": "user", "content": f"hi {word}"}]})
-    elapsed = time.monotonic() - started
-    assert r.status_code == 504, r.text
-    assert r.json()["error"]["code"] == "upstream_timeout"
-    assert 1.4 < elapsed < 10  # the fake drips for 60 s; only the deadline ends it this soon
-    assert_free(tight, key_id, NANO, 504)
-
-
-@pytest.mark.parametrize("word", ["[oversize=2]", "[oversize-chunked=2]"])
-def test_an_oversized_answer_is_a_502(tight, word):
-    key_id, secret = tight.create_key("1")
-    r = _post(tight, secret, "chat/completions",
-              {"model": "gpt-test", "messages": [{"role": "user", "content": f"hi {word}"}]})
-    assert r.status_code == 502, r.text
-    assert "larger than its limit of 1048576 bytes" in r.json()["error"]["message"]
-    assert_free(tight, key_id, NANO, 502)
-    # A normal answer on the same upstream still passes, and over a reused connection.
-    ok = tight.client(secret).chat.completions.create(model="gpt-test",
-                                                      messages=[{"role": "user", "content": "hello"}])
-    assert ok.choices[0].message.content == "Hello from the fake upstream!"

@@ -1,0 +1,76 @@
+"""End-to-end fixtures: the gateway as a real gunicorn + gevent server (tests.gateway.Gateway)."""
+from __future__ import annotations
+
+import pytest
+
+import db
+from tests.gateway import LIVE, LOG_TAIL, Gateway
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    item.stash[_OFFSETS] = {id(gw): gw.log_size() for gw in LIVE}
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo):
+    """A failing test's report carries what each gateway logged during it: its own error, not only the client's."""
+    outcome = yield
+    report = outcome.get_result()
+    if report.when != "call" or not report.failed:
+        return
+    offsets = item.stash.get(_OFFSETS, {})
+    for gw in LIVE:
+        text = gw.log_since(offsets.get(id(gw), 0))
+        if text.strip():
+            at = text.find("Traceback")
+            shown = text[max(at - 500, 0):][:LOG_TAIL] if at >= 0 else text[-LOG_TAIL:]
+            report.sections.append((f"gateway log {gw.url} (during this test)", shown))
+
+
+_OFFSETS = pytest.StashKey[dict]()
+
+
+
+@pytest.fixture(scope="session")
+def gateway(gateway_config):
+    tmp, cfg = gateway_config()
+    gw = Gateway(tmp, cfg).start()
+    yield gw
+    gw.stop()
+
+
+@pytest.fixture
+def make_gateway(gateway_config):
+    """Start extra gateways with changed config: make_gateway(lambda cfg: ..., workers=1, env=None)."""
+    started: list[Gateway] = []
+
+    def make(change=None, workers: int = 1, env: dict[str, str] | None = None) -> Gateway:
+        tmp, cfg = gateway_config()
+        if change:
+            change(cfg)
+        gw = Gateway(tmp, cfg, workers, env).start()
+        started.append(gw)
+        return gw
+    yield make
+    for gw in started:
+        gw.stop()
+
+
+@pytest.fixture
+def key(gateway):
+    """A fresh funded key on the shared gateway: (id, secret)."""
+    return gateway.create_key("10")
+
+
+@pytest.fixture
+def make_deployment(gateway_config):
+    """A test deployment for operator commands only (gw.flask, gw.db): its config and a ready database, and no
+    server process, which `flask --app app ...` never needs. Starting gunicorn for these cost a start-up each."""
+    def make(change=None) -> Gateway:
+        tmp, cfg = gateway_config()
+        if change:
+            change(cfg)
+        db.init(cfg["server"]["database"])  # what gunicorn's on_starting does before a server exists
+        return Gateway(tmp, cfg)
+    return make

@@ -1,0 +1,50 @@
+"""A bad config.toml stops a real gunicorn start (and a CLI command) with one sentence, not a traceback."""
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+GOOD = """
+[upstreams.u]
+kind = "openai"
+base_url = "http://127.0.0.1:1/v1"
+api_key_env = "X"
+[models."m"]
+upstream = "u"
+input_price = 0.075
+output_price = 0.3
+"""
+
+
+def test_server_refuses_to_start_with_one_sentence(tmp_path):
+    bad = tmp_path / "config.toml"
+    bad.write_text(GOOD + "[server]\nmax_body_bytes = \"big\"\n")
+    gunicorn = str(Path(sys.executable).with_name("gunicorn"))
+    done = subprocess.run([gunicorn, "-c", "gunicorn.conf.py", "app:create_app()"], cwd=ROOT, capture_output=True,
+                          text=True, timeout=60, env={"GATEWAY_CONFIG": str(bad), "PORT": "1", "PATH": "/usr/bin:/bin"})
+    assert done.returncode != 0
+    assert "gateway: [server].max_body_bytes must be a whole number" in done.stderr
+    assert "Traceback" not in done.stderr
+
+
+@pytest.mark.parametrize("setting", ['database = "{tmp}"', 'database = "{tmp}/f/gw.db"', "max_body_bytes = 0"])
+def test_server_start_refused_with_one_sentence(tmp_path, setting):
+    (tmp_path / "f").write_text("a file, not a directory")
+    bad = tmp_path / "config.toml"
+    bad.write_text(GOOD + "[server]\n" + setting.format(tmp=tmp_path) + "\n")
+    gunicorn = str(Path(sys.executable).with_name("gunicorn"))
+    done = subprocess.run([gunicorn, "-c", "gunicorn.conf.py", "app:create_app()"], cwd=ROOT, capture_output=True,
+                          text=True, timeout=60, env={"GATEWAY_CONFIG": str(bad), "PORT": "1", "PATH": "/usr/bin:/bin"})
+    assert done.returncode != 0
+    assert "gateway: [server]." in done.stderr
+    assert "Traceback" not in done.stderr
+    flask = str(Path(sys.executable).with_name("flask"))
+    done = subprocess.run([flask, "--app", "app", "keys", "list"], cwd=ROOT, capture_output=True, text=True,
+                          timeout=60, env={"GATEWAY_CONFIG": str(bad), "PATH": "/usr/bin:/bin"})
+    assert done.returncode != 0 and "gateway: [server]." in done.stderr and "Traceback" not in done.stderr
+
+

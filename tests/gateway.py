@@ -1,0 +1,124 @@
+"""The gateway as users run it (gunicorn + gevent on a free port of 127.0.0.1), for the end-to-end tier."""
+from __future__ import annotations
+
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import requests
+
+import billing
+import keys
+from tests.conftest import GEMINI_KEY, GUNICORN, ROOT, UPSTREAM_KEY, free_port, to_toml
+
+LIVE: list[Gateway] = []  # gateways started and not yet stopped, whose logs a failing test report shows
+LOG_TAIL = 6000
+
+
+
+class Gateway:
+    """The gateway run as users run it: gunicorn with the gevent worker, on a free port of 127.0.0.1."""
+
+    def __init__(self, tmp: Path, cfg: dict, workers: int = 1, env: dict[str, str] | None = None) -> None:
+        self.tmp = tmp
+        self.cfg = cfg
+        self.db_path = cfg["server"]["database"]
+        self.config_path = tmp / "config.toml"
+        self.config_path.write_text(to_toml(cfg))
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.base_url = f"{self.url}/v1"
+        self.log_path = tmp / f"gateway-{self.port}.log"
+        self.env = {**os.environ, "GATEWAY_CONFIG": str(self.config_path), "PORT": str(self.port),
+                    "WORKERS": str(workers), "TEST_UPSTREAM_KEY": UPSTREAM_KEY, "TEST_GEMINI_KEY": GEMINI_KEY,
+                    **(env or {})}
+        self.env.pop("TEST_MISSING_KEY", None)
+        self.proc: subprocess.Popen | None = None
+
+    def start(self) -> Gateway:
+        LIVE.append(self)
+        log = open(self.log_path, "ab")
+        self.proc = subprocess.Popen([GUNICORN, "-c", "gunicorn.conf.py", "app:create_app()"], cwd=ROOT, env=self.env,
+                                     stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"gateway exited: {self.log()}")
+            try:
+                if requests.get(f"{self.url}/health", timeout=1).status_code == 200:
+                    return self
+            except requests.RequestException:
+                time.sleep(0.1)
+        raise RuntimeError(f"gateway did not start: {self.log()}")
+
+    def stop(self, sig: int = signal.SIGINT) -> None:
+        if self in LIVE:
+            LIVE.remove(self)
+        if self.proc and self.proc.poll() is None:
+            os.killpg(self.proc.pid, sig)
+            try:
+                self.proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait()
+
+    def log_size(self) -> int:
+        return self.log_path.stat().st_size if self.log_path.exists() else 0
+
+    def log_since(self, offset: int) -> str:
+        if not self.log_path.exists():
+            return ""
+        with open(self.log_path, "rb") as f:
+            f.seek(offset)
+            return f.read().decode(errors="replace")
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    def db(self) -> sqlite3.Connection:
+        conn = sqlite3.connect(self.db_path, isolation_level=None, timeout=10)
+        conn.row_factory = sqlite3.Row
+        return conn
+
+    def create_key(self, credits: str = "10", rpm: int | None = None, rpd: int | None = None,
+                   name: str = "test") -> tuple[int, str]:
+        conn = self.db()
+        try:
+            return keys.create(conn, name, billing.parse_credits(credits), rpm, rpd)
+        finally:
+            conn.close()
+
+    def balance(self, key_id: int) -> int:
+        conn = self.db()
+        try:
+            return conn.execute("SELECT balance FROM api_keys WHERE id = ?", (key_id,)).fetchone()[0]
+        finally:
+            conn.close()
+
+    def usage(self, key_id: int) -> list[sqlite3.Row]:
+        conn = self.db()
+        try:
+            return conn.execute("SELECT * FROM usage WHERE key_id = ? ORDER BY id", (key_id,)).fetchall()
+        finally:
+            conn.close()
+
+    def open_holds(self, key_id: int) -> int:
+        conn = self.db()
+        try:
+            return conn.execute("SELECT COUNT(*) FROM holds WHERE key_id = ?", (key_id,)).fetchone()[0]
+        finally:
+            conn.close()
+
+    def flask(self, *args: str) -> subprocess.CompletedProcess:
+        """Run an operator command (`flask --app app ...`) against this gateway's config."""
+        return subprocess.run([str(Path(sys.executable).with_name("flask")), "--app", "app", *args], cwd=ROOT,
+                              env=self.env, capture_output=True, text=True, timeout=60)
+
+    def client(self, key: str, **kw: Any):
+        import openai
+        return openai.OpenAI(base_url=self.base_url, api_key=key, **{"max_retries": 0, **kw})
