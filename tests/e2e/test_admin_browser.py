@@ -21,7 +21,7 @@ from websockets.sync.client import connect
 from tests.conftest import free_port
 
 TOKEN = "browser-admin-token-42"
-ARTIFACTS = Path(__file__).resolve().parent / "artifacts"
+ARTIFACTS = Path(__file__).resolve().parent.parent / "artifacts"
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 
 if CHROMIUM is None and not os.environ.get("CI"):

@@ -12,7 +12,7 @@ import requests
 import db
 import keys
 import policies
-from tests.conftest import Gateway
+from tests.gateway import Gateway
 
 TOKEN = "adm-test-token-0123456789"
 ADMIN = {"Authorization": f"Bearer {TOKEN}"}
