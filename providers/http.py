@@ -142,6 +142,52 @@ class Reply:
         self.raw.release_conn()
 
 
+class _OneWrite:
+    """A urllib3 connection that sends a request's head and its (bytes) body in one write.
+
+    http.client sends the head, then urllib3 sends the body: two syscalls and, with Nagle off, two TCP segments
+    per upstream call. The head is held back here and goes out with the body instead.
+    """
+
+    _holding = False
+    _held: bytes | None = None
+
+    def request(self, method: str, url: str, body: Any = None, headers: Any = None, **kw: Any) -> None:
+        if not isinstance(body, bytes) or not body:
+            return super().request(method, url, body=body, headers=headers, **kw)
+        self._holding, self._held = True, None
+        try:
+            super().request(method, url, body=body, headers=headers, **kw)
+        finally:
+            held, self._holding, self._held = self._held, False, None
+        if held is not None:  # no body write followed the head (not expected for a bytes body): send it now
+            super().send(held)
+
+    def send(self, data: Any) -> None:
+        if self._holding:
+            if self._held is None:
+                self._held = bytes(data)
+                return
+            data, self._holding, self._held = self._held + bytes(data), False, None
+        super().send(data)
+
+
+class _Connection(_OneWrite, urllib3.connection.HTTPConnection):
+    pass
+
+
+class _TLSConnection(_OneWrite, urllib3.connection.HTTPSConnection):
+    pass
+
+
+class _Pool(urllib3.HTTPConnectionPool):
+    ConnectionCls = _Connection
+
+
+class _TLSPool(urllib3.HTTPSConnectionPool):
+    ConnectionCls = _TLSConnection
+
+
 def pool(upstream: UpstreamConfig) -> urllib3.PoolManager:
     """The worker's connection pool for this upstream, made after fork so no socket is shared across processes."""
     global _pid
@@ -154,6 +200,7 @@ def pool(upstream: UpstreamConfig) -> urllib3.PoolManager:
         # "urllib3 (upstream HTTP)").
         # PoolManager reads no proxy variables, so an operator's HTTP_PROXY cannot reroute upstream calls.
         p = urllib3.PoolManager(num_pools=4, maxsize=upstream.pool_size, block=False, retries=False)
+        p.pool_classes_by_scheme = {"http": _Pool, "https": _TLSPool}
         _pools[upstream.name] = p
     return p
 
