@@ -1,5 +1,5 @@
 """Per-key rate limits: one budget per key shared by every route, counted on arrival (docs/runtime.md,
-"Flask-Limiter"), the x-ratelimit headers on every authenticated answer, and the 429 with Retry-After.
+"Rate limits"), the x-ratelimit headers on every authenticated answer, and the 429 with Retry-After.
 
 Every request with limits asks a Counter once for all of its windows (a minute and a day) and gets back, per
 window, its count and when it resets: what the headers and the 429 need, without a second read. Three counters:
@@ -11,7 +11,8 @@ window, its count and when it resets: what the headers and the 429 need, without
 
 The fixed-window semantics are the `limits` library's, so switching between these changes no answer: a window
 opens at its first hit and lasts its length; every request counts, refused ones too (a client hammering through
-a 429 keeps itself refused, as before); a window is breached once its count passes its amount.
+a 429 keeps itself refused, as before); a window is breached once its count passes its amount; the amount is
+part of the counter's name, so changing a key's limit starts a fresh window.
 """
 from __future__ import annotations
 
@@ -68,15 +69,15 @@ class MemoryCounter(Counter):
     number of keys; nothing yields in here, so greenlets cannot interleave a count."""
 
     def __init__(self) -> None:
-        self.windows: dict[tuple[str, int], list[float]] = {}  # (key, seconds) -> [ends at, count]
+        self.windows: dict[tuple[str, int, int], list[float]] = {}  # (key, amount, seconds) -> [ends at, count]
 
     def hit(self, key: str, limits: list[tuple[int, int]]) -> list[Window]:
         now = time.time()
         out = []
         for amount, seconds in limits:
-            entry = self.windows.get((key, seconds))
+            entry = self.windows.get((key, amount, seconds))
             if entry is None or entry[0] <= now:
-                entry = self.windows[(key, seconds)] = [now + seconds, 0]
+                entry = self.windows[(key, amount, seconds)] = [now + seconds, 0]
             entry[1] += 1
             out.append(Window(amount, seconds, int(entry[1]), entry[0]))
         return out
@@ -122,7 +123,7 @@ class RedisCounter(Counter):
     def hit(self, key: str, limits: list[tuple[int, int]]) -> list[Window]:
         import redis
 
-        keys = [f"gateway:fixed:{key}:{seconds}" for _, seconds in limits]
+        keys = [f"gateway:fixed:{key}:{amount}:{seconds}" for amount, seconds in limits]
         try:
             raw = self._get_script()(keys=keys, args=[seconds * 1000 for _, seconds in limits])
         except redis.RedisError as exc:
