@@ -272,7 +272,10 @@ def _begin(conn: sqlite3.Connection, deadline: float) -> None:
             if not _locked(exc) or time.monotonic() > deadline:
                 raise
             gevent.sleep(delay * (0.5 + random.random()))
-            delay = min(delay * 2, 0.05)
+            # Another worker's transaction lasts well under a millisecond; backing off to 50 ms left the lock
+            # idle while this worker's batch slept (WORKERS=2 with Redis limits, 16 conns: 209 -> 286 req/s,
+            # p99 245 -> 158 ms, A/B on a loaded machine).
+            delay = min(delay * 2, 0.004)
 
 
 def _commit(conn: sqlite3.Connection, deadline: float) -> None:
