@@ -104,7 +104,7 @@ return out
 
 
 class RedisCounter(Counter):
-    """Fixed windows in Redis in one round trip per request (EVALSHA of a script registered once; redis-py
+    """Fixed windows in Redis in one round trip per request (EVALSHA of a script loaded once per worker; redis-py
     loads it again by itself if the server lost it, say after a restart)."""
 
     def __init__(self, uri: str) -> None:
@@ -116,8 +116,12 @@ class RedisCounter(Counter):
         if self._pid != os.getpid():
             import redis
 
-            self._script = redis.Redis.from_url(self.uri).register_script(_LUA_FIXED)
-            self._pid = os.getpid()
+            client = redis.Redis.from_url(self.uri)
+            script = client.register_script(_LUA_FIXED)
+            # Loaded before first use, so no request's EVALSHA meets NOSCRIPT; greenlets that arrive together at
+            # a worker's start may each load it (idempotent) before it is published.
+            client.script_load(_LUA_FIXED)
+            self._script, self._pid = script, os.getpid()
         return self._script
 
     def hit(self, key: str, limits: list[tuple[int, int]]) -> list[Window]:
