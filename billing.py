@@ -553,6 +553,14 @@ def usage_doc(usage: Usage) -> dict:
 
 # --- The request's ticket -------------------------------------------------------------------------------------
 
+class _ExactNeeded(Exception):
+    """Raised inside a hold's transaction when its prompt must be counted exactly first (Ticket.hold_tokens)."""
+
+
+def _exact_needed() -> int:
+    raise _ExactNeeded
+
+
 SETTLE_ATTEMPTS = 3
 SETTLE_RETRY_SECONDS = 0.05
 
@@ -586,11 +594,23 @@ class Ticket:
 
     def hold_tokens(self, model: ModelConfig, estimate: int, exact: Callable[[], int], mult: int,
                     client_cap: int | None, extra: int = 0) -> int:
-        """Hold for a token-priced request; returns the output cap to send upstream."""
-        balance = None if token_cost(model, 3 * estimate * mult, 0) == 0 else \
-            balance_of(self.cfg.server.database, self.key.id)
-        prompt = estimate if balance is None else prompt_tokens_to_hold(model, balance, estimate, exact, mult)
-        return self.take_hold(token_planner(model, prompt, mult, client_cap, extra)).plan
+        """Hold for a token-priced request; returns the output cap to send upstream.
+
+        The balance that decides between the estimate and an exact count is the one the hold's transaction
+        reads (no read of its own before it). An exact count is never made inside the transaction, where it
+        would keep every other writer waiting: the rare request that needs one gives up that transaction,
+        counts, and holds again.
+        """
+        if token_cost(model, 3 * estimate * mult, 0) == 0:
+            return self.take_hold(token_planner(model, estimate, mult, client_cap, extra)).plan
+
+        def plan(balance: int) -> tuple[int, int]:
+            prompt = prompt_tokens_to_hold(model, balance, estimate, _exact_needed, mult)
+            return token_planner(model, prompt, mult, client_cap, extra)(balance)
+        try:
+            return self.take_hold(plan).plan
+        except _ExactNeeded:
+            return self.take_hold(token_planner(model, max(exact(), 1), mult, client_cap, extra)).plan
 
     def hold_images(self, model: ModelConfig, n: int) -> None:
         self.take_hold(fixed(images_cost(model, n), f"{n} image(s) from {model.id}", "ask for fewer images (n)"))

@@ -1,16 +1,49 @@
 """Per-key rate limits: one budget per key shared by every route, counted on arrival (docs/runtime.md,
-"Flask-Limiter"), the x-ratelimit headers on every authenticated answer, and the 429 with Retry-After."""
+"Rate limits"), the x-ratelimit headers on every authenticated answer, and the 429 with Retry-After.
+
+Every request with limits asks a Counter once for all of its windows (a minute and a day) and gets back, per
+window, its count and when it resets: what the headers and the 429 need, without a second read. Three counters:
+
+- fixed-window in memory:// (the default): a dict in the worker, exact with one worker;
+- fixed-window in Redis: one round trip per request, a Lua script (loaded once, run by EVALSHA) that counts
+  and reads both windows atomically, so several workers share exact counts;
+- any other strategy or store: the `limits` library (a hit and a window read per limit, as Flask-Limiter did).
+
+The fixed-window semantics are the `limits` library's, so switching between these changes no answer: a window
+opens at its first hit and lasts its length; every request counts, refused ones too (a client hammering through
+a 429 keeps itself refused, as before); a window is breached once its count passes its amount; the amount is
+part of the counter's name, so changing a key's limit starts a fresh window.
+"""
 from __future__ import annotations
 
 import math
+import os
 import time
+from typing import NamedTuple
 
 from flask import Flask, Response, current_app, g
-from flask_limiter import ApplicationLimit, Limiter, RateLimitExceeded
-from limits.errors import ConfigurationError as LimitsConfigurationError
 
 import metrics
-from errors import ConfigError, RateLimitError, render
+from errors import ConfigError, GatewayError, RateLimitError
+
+MINUTE, DAY = 60, 86400
+
+
+class Window(NamedTuple):
+    """One limit's state right after this request counted itself in it."""
+
+    amount: int
+    seconds: int
+    count: int
+    reset: float  # epoch seconds at which the window ends
+
+    @property
+    def remaining(self) -> int:
+        return max(0, self.amount - self.count)
+
+    @property
+    def breached(self) -> bool:
+        return self.count > self.amount
 
 
 def seconds_left(reset: float, now: float) -> int:
@@ -25,59 +58,185 @@ def duration(seconds: int) -> str:
     return f"{h}h{m}m{s}s" if h else f"{m}m{s}s" if m else f"{s}s"
 
 
-def _limit_key() -> str:
-    return f"key:{g.api_key.id}" if g.get("api_key") else ""
+class Counter:
+    """Counts one request in each of a key's windows and returns them; the one interface the app uses."""
+
+    def hit(self, key: str, limits: list[tuple[int, int]]) -> list[Window]:
+        raise NotImplementedError
 
 
-def _limit_string() -> str:
-    key = g.get("api_key")
-    if key is None:
-        return ""
+class MemoryCounter(Counter):
+    """Fixed windows in the worker's memory. One entry per key and window length, so it is bounded by the
+    number of keys; nothing yields in here, so greenlets cannot interleave a count."""
+
+    def __init__(self) -> None:
+        self.windows: dict[tuple[str, int, int], list[float]] = {}  # (key, amount, seconds) -> [ends at, count]
+
+    def hit(self, key: str, limits: list[tuple[int, int]]) -> list[Window]:
+        now = time.time()
+        out = []
+        for amount, seconds in limits:
+            entry = self.windows.get((key, amount, seconds))
+            if entry is None or entry[0] <= now:
+                entry = self.windows[(key, amount, seconds)] = [now + seconds, 0]
+            entry[1] += 1
+            out.append(Window(amount, seconds, int(entry[1]), entry[0]))
+        return out
+
+
+# KEYS: one counter per window; ARGV: each window's length in milliseconds. Returns count, ms left per window.
+# The same counting as `limits`' Redis fixed window (INCR, the expiry set by the first hit), for all windows in
+# one atomic step; a counter found without an expiry (left by an interrupted older write) gets one.
+_LUA_FIXED = """
+local out = {}
+for i, key in ipairs(KEYS) do
+  local count = redis.call('INCR', key)
+  local ttl = -1
+  if count > 1 then ttl = redis.call('PTTL', key) end
+  if ttl < 0 then
+    ttl = tonumber(ARGV[i])
+    redis.call('PEXPIRE', key, ttl)
+  end
+  out[2 * i - 1] = count
+  out[2 * i] = ttl
+end
+return out
+"""
+
+
+class RedisCounter(Counter):
+    """Fixed windows in Redis in one round trip per request (EVALSHA of a script loaded once per worker; redis-py
+    loads it again by itself if the server lost it, say after a restart)."""
+
+    def __init__(self, uri: str) -> None:
+        self.uri = uri
+        self._pid = 0
+        self._script = None
+
+    def _get_script(self):  # made after fork: a worker must not share the master's sockets
+        if self._pid != os.getpid():
+            import redis
+
+            client = redis.Redis.from_url(self.uri)
+            script = client.register_script(_LUA_FIXED)
+            # Loaded before first use, so no request's EVALSHA meets NOSCRIPT; greenlets that arrive together at
+            # a worker's start may each load it (idempotent) before it is published.
+            client.script_load(_LUA_FIXED)
+            self._script, self._pid = script, os.getpid()
+        return self._script
+
+    def hit(self, key: str, limits: list[tuple[int, int]]) -> list[Window]:
+        import redis
+
+        keys = [f"gateway:fixed:{key}:{amount}:{seconds}" for amount, seconds in limits]
+        try:
+            raw = self._get_script()(keys=keys, args=[seconds * 1000 for _, seconds in limits])
+        except redis.RedisError as exc:
+            raise _store_down(exc) from None
+        now = time.time()
+        return [Window(amount, seconds, int(raw[2 * i]), now + int(raw[2 * i + 1]) / 1000)
+                for i, (amount, seconds) in enumerate(limits)]
+
+
+class LibraryCounter(Counter):
+    """Any strategy in any store the `limits` library knows: a hit, then a window read, per limit."""
+
+    def __init__(self, uri: str, strategy: str) -> None:
+        from limits.storage import storage_from_string
+        from limits.strategies import STRATEGIES
+
+        self.limiter = STRATEGIES[strategy](storage_from_string(uri))
+
+    def hit(self, key: str, limits: list[tuple[int, int]]) -> list[Window]:
+        from limits import RateLimitItemPerDay, RateLimitItemPerMinute
+
+        out = []
+        try:
+            for amount, seconds in limits:
+                item = (RateLimitItemPerMinute if seconds == MINUTE else RateLimitItemPerDay)(amount)
+                ok = self.limiter.hit(item, key)
+                reset, remaining = self.limiter.get_window_stats(item, key)
+                # A refused hit is not stored by moving windows; count it as one past the amount all the same.
+                out.append(Window(amount, seconds, amount + 1 if not ok else amount - remaining, reset))
+        except Exception as exc:  # the store's own errors (redis, memcached, ...): no common base class
+            raise _store_down(exc) from None
+        return out
+
+
+def _store_down(exc: Exception) -> GatewayError:
+    return GatewayError(f"The rate-limit store is unavailable ({type(exc).__name__}); try again shortly.",
+                        status=503, type="api_error", code="rate_limit_store_unavailable")
+
+
+def make_counter(uri: str, strategy: str) -> Counter:
+    scheme = uri.partition("://")[0]
+    if strategy == "fixed-window" and scheme == "memory":
+        return MemoryCounter()
+    if strategy == "fixed-window" and scheme in ("redis", "rediss"):
+        try:
+            import redis  # noqa: F401
+        except ImportError:
+            raise ConfigError(f"[limits].storage_uri {uri!r} needs the Python package 'redis'.") from None
+        return RedisCounter(uri)
+    try:
+        return LibraryCounter(uri, strategy)
+    except Exception as exc:  # a scheme whose driver is not installed, or a malformed address
+        raise ConfigError(f"[limits].storage_uri {uri!r} cannot be used ({exc}); "
+                          "install its driver or use \"memory://\".") from None
+
+
+def _limits_of(key) -> list[tuple[int, int]]:
     cfg = current_app.config["GATEWAY"].limits
     rpm = cfg.default_rpm if key.rpm is None else key.rpm
     rpd = cfg.default_rpd if key.rpd is None else key.rpd
-    return ";".join(f"{n}/{per}" for n, per in ((rpm, "minute"), (rpd, "day")) if n)  # 0 means unlimited
+    return [(n, per) for n, per in ((rpm, MINUTE), (rpd, DAY)) if n]  # 0 means unlimited
 
 
-def register(app: Flask) -> Limiter:
+def register(app: Flask) -> Counter:
     """The limiter, after auth.register (its before_request must run after authentication)."""
     cfg = app.config["GATEWAY"]
-    try:
-        limiter = Limiter(_limit_key, app=app, application_limits=[ApplicationLimit(_limit_string)],
-                          storage_uri=cfg.limits.storage_uri, strategy=cfg.limits.strategy, headers_enabled=False)
-    except LimitsConfigurationError as exc:  # a scheme whose driver is not installed, or a malformed address
-        raise ConfigError(f"[limits].storage_uri {cfg.limits.storage_uri!r} cannot be used ({exc}); "
-                          "install its driver or use \"memory://\".") from None
+    counter = make_counter(cfg.limits.storage_uri, cfg.limits.strategy)
+
+    @app.before_request
+    def limit() -> None:
+        key = g.api_key
+        if key is None:  # /health; every other path was refused by authenticate if it had no key
+            return
+        limits = _limits_of(key)
+        if not limits:
+            return
+        g.rate_windows = windows = counter.hit(f"key:{key.id}", limits)
+        breached = next((w for w in windows if w.breached), None)
+        if breached is not None:
+            raise _refusal(breached)
 
     @app.after_request
     def headers(resp: Response) -> Response:
-        if g.get("api_key") is not None:
+        windows = g.get("rate_windows")
+        if windows:
             now = time.time()
-            for rl in limiter.current_limits:
-                suffix = "requests" if rl.limit.get_expiry() <= 60 else "requests-day"
-                resp.headers[f"x-ratelimit-limit-{suffix}"] = str(rl.limit.amount)
-                resp.headers[f"x-ratelimit-remaining-{suffix}"] = str(rl.remaining)
-                # window[0] is the exact reset time; rl.reset_at is it already rounded up, one second too late.
-                resp.headers[f"x-ratelimit-reset-{suffix}"] = duration(seconds_left(rl.window[0], now))
+            h = resp.headers
+            for w in windows:
+                suffix = "requests" if w.seconds <= MINUTE else "requests-day"
+                h[f"x-ratelimit-limit-{suffix}"] = str(w.amount)
+                h[f"x-ratelimit-remaining-{suffix}"] = str(w.remaining)
+                h[f"x-ratelimit-reset-{suffix}"] = duration(seconds_left(w.reset, now))
         return resp
 
-    @app.errorhandler(RateLimitExceeded)
-    def rate_limited(exc: RateLimitExceeded) -> Response:
-        item = exc.limit.limit
-        per = "minute" if item.get_expiry() <= 60 else "day"
-        breached = next((rl for rl in limiter.current_limits if rl.breached), limiter.current_limit)
-        retry = seconds_left(breached.window[0], time.time()) if breached else item.get_expiry()
-        headers = {"Retry-After": str(retry)}
-        metrics.LIMITED.labels(per).inc()  # metrics hook
-        if per == "day":
-            # The official SDKs honour x-should-retry before Retry-After: without it the Node SDK sleeps the
-            # rest of the day inside one call, and openai-python gives up only after retrying in vain.
-            headers["x-should-retry"] = "false"
-            advice = f"The daily budget resets in {duration(retry)}; ask the operator for a higher limit."
-        else:
-            advice = f"Please try again in {retry}s."
-        return render(RateLimitError(
-            f"Rate limit reached for requests per {per}: limit {item.amount}. {advice}", headers=headers))
+    app.extensions["gateway_limiter"] = counter
+    return counter
 
-    app.extensions["gateway_limiter"] = limiter
-    return limiter
+
+def _refusal(w: Window) -> RateLimitError:
+    per = "minute" if w.seconds <= MINUTE else "day"
+    retry = seconds_left(w.reset, time.time())
+    headers = {"Retry-After": str(retry)}
+    metrics.LIMITED.labels(per).inc()  # metrics hook
+    if per == "day":
+        # The official SDKs honour x-should-retry before Retry-After: without it the Node SDK sleeps the
+        # rest of the day inside one call, and openai-python gives up only after retrying in vain.
+        headers["x-should-retry"] = "false"
+        advice = f"The daily budget resets in {duration(retry)}; ask the operator for a higher limit."
+    else:
+        advice = f"Please try again in {retry}s."
+    return RateLimitError(f"Rate limit reached for requests per {per}: limit {w.amount}. {advice}", headers=headers)

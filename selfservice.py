@@ -60,10 +60,8 @@ def _rate_limits() -> dict:
     out: dict[str, Any] = {"requests_per_minute": cfg.limits.default_rpm if key.rpm is None else key.rpm,
                            "requests_per_day": cfg.limits.default_rpd if key.rpd is None else key.rpd,
                            "remaining_minute": None, "remaining_day": None}
-    for limiter in current_app.extensions.get("limiter", ()):
-        for rl in limiter.current_limits:
-            per = "minute" if rl.limit.get_expiry() <= 60 else "day"
-            out[f"remaining_{per}"] = rl.remaining
+    for window in g.get("rate_windows") or ():  # ratelimit.py counted this very request in each window
+        out["remaining_minute" if window.seconds <= 60 else "remaining_day"] = window.remaining
     return out
 
 

@@ -144,8 +144,14 @@ def children(pid: int, want: int, timeout: float = 20) -> list[int]:
 
 
 def cpu_seconds(pid: int) -> float:
-    """utime + stime of a process (all its threads), from /proc/<pid>/stat."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    """utime + stime of a process (all its threads), from /proc/<pid>/stat.
+
+    A process that exited during a step (a peer's worker restarted) makes the step's CPU unknowable: BenchError,
+    which fails that step (a peer is then reported with the error) instead of the whole run."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except FileNotFoundError:
+        raise BenchError(f"process {pid} exited during the step; its CPU cannot be measured") from None
     return (int(fields[11]) + int(fields[12])) / CLK_TCK
 
 

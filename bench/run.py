@@ -247,7 +247,7 @@ class Bench:
                 _, last = gw.usage_rows()
                 out = self.plain(f"plain_gateway_{conns}", gw.port, key, conns, {"gateway": gw.pids, "upstream": up})
                 out["usage_rows"] = gw.usage_rows(last)[0]
-            limited = gw.key(rpm=10**9, rpd=10**12)
+            limited = gw.key(rpm=10**9, rpd=10**9)
             self.plain("plain_gateway_16_limiter", gw.port, limited, 16, {"gateway": gw.pids, "upstream": up})
             for n in self.args.streams:
                 self.stream(f"stream_direct_{n}", self.up_port, UPSTREAM_KEY, n, {"upstream": up})
@@ -419,9 +419,9 @@ class Bench:
         try:
             for workers in (1, 2):
                 gw = Gateway(self, f"redis{workers}", workers=workers,
-                             limits=(f"redis://127.0.0.1:{port}/0", "moving-window"))
+                             limits=(f"redis://127.0.0.1:{port}/0", "fixed-window"))
                 try:
-                    key = gw.key(rpm=10**9, rpd=10**12)
+                    key = gw.key(rpm=10**9, rpd=10**9)
                     self.warm(gw, key)
                     self.plain(f"plain_gateway_16_redis_w{workers}", gw.port, key, 16,
                                {"gateway": gw.pids, "upstream": [self.upstream.pid]})

@@ -17,6 +17,54 @@ from providers.base import ChatEvent, ChatStream
 
 _EOF = object()
 CONNECTED_AFTER = 0.05  # seconds a stream waits for its first event before sending headers on their own
+# Delivered text kept per choice before its front is counted and dropped. Short answers (almost all) are never
+# counted in flight, so no tokenizer is loaded for a stream whose usage report arrives; a long one keeps at most
+# about this much (plus one event), however long it runs.
+FOLD_CHARS = 16_384
+
+
+class DeliveredText:
+    """The text one choice delivered, as its token count so far plus a bounded unconsumed tail.
+
+    Counting the whole text at the end kept every piece of a stream in memory until it ended. Instead, past
+    FOLD_CHARS the front of the tail is counted and dropped, cut right before a space that stands between two
+    non-space characters: tiktoken's pre-tokenizer always starts a new piece there (" word", " 12", " (..."),
+    so counts on either side add up to the count of the whole. A text with no such space (CJK, one long word)
+    is cut anywhere once its tail reaches four times FOLD_CHARS; a cut inside a piece can miscount it by a
+    token, one cut per 64K characters.
+    """
+
+    __slots__ = ("counted", "parts", "size")
+
+    def __init__(self) -> None:
+        self.counted = 0
+        self.parts: list[str] = []
+        self.size = 0
+
+    def add(self, text: str) -> None:
+        self.parts.append(text)
+        self.size += len(text)
+        if self.size > FOLD_CHARS:
+            self._fold()
+
+    def _fold(self) -> None:
+        text = "".join(self.parts)
+        cut = len(text) - 1
+        while True:
+            cut = text.rfind(" ", 1, cut)
+            if cut <= 0 or (not text[cut - 1].isspace() and not text[cut + 1].isspace()):
+                break
+        if cut <= 0:
+            if len(text) < 4 * FOLD_CHARS:
+                self.parts = [text]
+                return
+            cut = len(text) - FOLD_CHARS // 4
+        self.counted += tokens.count(text[:cut])
+        rest = text[cut:]
+        self.parts, self.size = [rest], len(rest)
+
+    def tokens(self) -> int:
+        return self.counted + tokens.count("".join(self.parts))
 
 
 class Relay:
@@ -35,7 +83,7 @@ class Relay:
         self.usage_doc: dict | None = None       # that report as the upstream wrote it
         self.charged_usage: billing.Usage | None = None  # what settlement charged tokens for
         self.template: dict | None = None        # id, object, created, model of the stream's events
-        self.delivered: dict[int, list[str]] = {}  # text written to the client, per choice index
+        self.delivered: dict[int, DeliveredText] = {}  # text written to the client, per choice index
 
     def _read(self, queue: Queue) -> None:
         try:
@@ -154,9 +202,14 @@ class Relay:
         return tail + b"data: " + json.dumps(exc.body(), separators=(",", ":")).encode() + b"\n\n"
 
     def _note(self, sent: list[dict[int, str]]) -> None:
+        if self.usage is not None:  # a believable report came: it is what settles, so nothing is counted
+            return
         for texts in sent:
             for index, text in texts.items():
-                self.delivered.setdefault(index, []).append(text)
+                delivered = self.delivered.get(index)
+                if delivered is None:
+                    delivered = self.delivered[index] = DeliveredText()
+                delivered.add(text)
 
     def _settle(self, status: int) -> None:
         """Charge the reported usage when a believable report arrived, else the tokens counted as delivered.
@@ -168,7 +221,7 @@ class Relay:
             return
         usage, estimated = self.usage, False
         if usage is None:
-            completion = sum(tokens.count("".join(parts)) for parts in self.delivered.values())
+            completion = sum(d.tokens() for d in self.delivered.values())
             if status >= 500 and completion == 0:
                 self.ticket.settle(status)
                 return

@@ -205,3 +205,16 @@ def test_upstream_key_never_reaches_client_or_log(gateway, key):
     assert UPSTREAM_KEY not in r.text
     assert UPSTREAM_KEY not in gateway.log()
     assert key[1] not in gateway.log()
+
+
+def test_long_stream_without_usage_is_charged_its_exact_count(gateway, count_tokens):
+    """5,000 chunks (about 39,000 characters, folded twice) through the real relay: the charge is the count of
+    everything the client received."""
+    key_id, secret = gateway.create_key("1")
+    chunks = list(gateway.client(secret).chat.completions.create(
+        model="gpt-test", stream=True, messages=[{"role": "user", "content": "long [nousage] [chunks=5000]"}]))
+    delivered = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert len(delivered) > 2 * FOLD_CHARS
+    row = gateway.usage(key_id)[0]
+    assert row["estimated"] == 1 and row["status"] == 200
+    assert row["completion_tokens"] == count_tokens(delivered)
