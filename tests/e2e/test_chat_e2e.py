@@ -8,6 +8,7 @@ import openai
 import pytest
 import requests
 
+from routes.relay import FOLD_CHARS
 from tests.conformance.validate import validate
 
 NANO = 10**9

@@ -13,9 +13,10 @@ import openai
 import pytest
 import requests
 
-from tests.conftest import Gateway, Raw
+from tests.conftest import Raw
 from tests.e2e.fake_media import TRANSCRIPT, FakeMedia, audio_bytes
 from tests.fake_responses import FakeResponses
+from tests.gateway import Gateway
 
 START = 10 * 10**9  # every key starts with 10 credits
 ORIGIN = "https://app.example.com"
