@@ -16,8 +16,10 @@ from flask import Blueprint, Response, current_app
 import billing
 import providers
 import routes
+import safefetch
 import tokens
 import validation
+from config import Config
 from errors import GatewayError
 from providers.base import ResponsesEvent
 from providers.http import require_key
@@ -58,9 +60,38 @@ def prompt_text(body: dict) -> str:
     return "\n".join(parts)
 
 
+def check_image_urls(cfg: Config, body: dict) -> None:
+    """Refuse input_image URLs an upstream would fetch from an address the gateway itself may not reach.
+
+    A local upstream (vLLM, Ollama) or a translated chat call fetches http(s) image URLs itself, so each one's
+    host is checked against the gateway's own fetch rules first, as chat's image parts are; `data:` URLs carry
+    their bytes and pass. A refusal is a 400 naming the part, before any credit moves.
+    """
+    items = body.get("input")
+    for i, item in enumerate(items if isinstance(items, list) else []):
+        content = item.get("content") if isinstance(item, dict) else None
+        for j, part in enumerate(content if isinstance(content, list) else []):
+            url = part.get("image_url") if isinstance(part, dict) and part.get("type") == "input_image" else None
+            if not isinstance(url, str):
+                continue
+            where = f"input[{i}].content[{j}].image_url"
+            scheme = url.split(":", 1)[0].strip().lower() if ":" in url else ""
+            if scheme == "data":
+                continue
+            try:
+                if scheme not in ("http", "https"):
+                    raise safefetch.ImageRefusedError(f"scheme '{scheme[:20]}' is not allowed; send an http(s) or "
+                                                      "a data:image/... URL.")
+                safefetch.check_url(url, allow_loopback=cfg.vision.allow_loopback_image_hosts,
+                                    timeout=cfg.vision.fetch_timeout_seconds)
+            except safefetch.ImageRefusedError as exc:
+                raise safefetch.ImageRefusedError(f"{where}: {exc.message}", param=where) from None
+
+
 def handle(ticket: billing.Ticket, req: validation.ResponsesRequest, heartbeat: float) -> Response:
     model, upstream = ticket.cfg.model_for(req.model, "chat")
     require_key(upstream)  # a missing upstream key is a 502 before any credit moves
+    check_image_urls(ticket.cfg, req.body)
     ticket.model = model.id
     provider = providers.for_upstream(upstream)
     up_body = dict(req.body)

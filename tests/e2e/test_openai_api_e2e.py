@@ -161,6 +161,24 @@ def test_responses_untranslatable_is_400_before_any_credit_moves(gw, fake_openai
     assert books(gw, key_id) == (START, [], [], 0)
 
 
+@pytest.mark.parametrize("model", ["resp-native", "gpt-test"])
+def test_responses_image_urls_to_internal_addresses_are_refused(gw, fakes, fake_openai, model):
+    """An upstream that fetches image URLs itself must not be sent one that points inside: refused before the
+    hold, naming the part, and nothing reaches the upstream."""
+    key_id, secret = gw.create_key("10")
+    native = fakes[1]
+    sent = len(fake_openai.requests) + len(native.requests)
+    for url in ("http://169.254.169.254/latest/meta-data/x.png", "http://192.0.0.8/a.png", "http://10.0.0.1/a.png",
+                "file:///etc/passwd"):
+        with pytest.raises(openai.BadRequestError) as exc:
+            gw.client(secret).responses.create(model=model, input=[{"role": "user", "content": [
+                {"type": "input_text", "text": "What is this?"}, {"type": "input_image", "image_url": url}]}])
+        assert exc.value.body["param"] == "input[0].content[1].image_url"
+        assert exc.value.body["code"] == "invalid_image_url"
+    assert len(fake_openai.requests) + len(native.requests) == sent
+    assert books(gw, key_id) == (START, [], [], 0)
+
+
 def test_responses_broken_stream_charges_what_was_delivered(gw, count_tokens):
     """The native upstream drops the connection after one delta: its text is charged, the client gets an error
     event."""
