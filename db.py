@@ -75,8 +75,8 @@ def _checkpoints(path: str) -> None:
 
     A PASSIVE checkpoint never blocks a writer, but under steady writes it never catches the last frame either,
     and SQLite restarts the WAL from its start only once a checkpoint has copied all of it: the file grew without
-    end (358 MB after 10 s at 830 requests/s). A TRUNCATE checkpoint fixed the growth but made every writer wait
-    while it copied, synced and cut a 16 MB file: a 26 ms p99 at one connection, 100 to 175 ms worst cases.
+    end (hundreds of MB within seconds under load). A TRUNCATE checkpoint fixed the growth but made every writer
+    wait while it copied, synced and cut a 16 MB file, which was the p99 at one connection (docs/performance.md).
     So the bulk is copied PASSIVE while writes go on; once the WAL holds more than WAL_RESET_BYTES a second
     PASSIVE pass runs while this process's writers queue (cooperatively, in write()): it copies only the frames
     committed during the first pass, and the next write restarts the WAL at its start, reusing the file instead

