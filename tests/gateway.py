@@ -20,8 +20,47 @@ LIVE: list[Gateway] = []  # gateways started and not yet stopped, whose logs a f
 LOG_TAIL = 6000
 
 
+class Books:
+    """A test deployment's database as the tests read it: keys, balances, usage rows, open holds (needs db_path)."""
 
-class Gateway:
+    db_path: str
+
+    def db(self) -> sqlite3.Connection:
+        conn = sqlite3.connect(self.db_path, isolation_level=None, timeout=10)
+        conn.row_factory = sqlite3.Row
+        return conn
+
+    def create_key(self, credits: str = "10", rpm: int | None = None, rpd: int | None = None,
+                   name: str = "test") -> tuple[int, str]:
+        conn = self.db()
+        try:
+            return keys.create(conn, name, billing.parse_credits(credits), rpm, rpd)
+        finally:
+            conn.close()
+
+    def balance(self, key_id: int) -> int:
+        conn = self.db()
+        try:
+            return conn.execute("SELECT balance FROM api_keys WHERE id = ?", (key_id,)).fetchone()[0]
+        finally:
+            conn.close()
+
+    def usage(self, key_id: int) -> list[sqlite3.Row]:
+        conn = self.db()
+        try:
+            return conn.execute("SELECT * FROM usage WHERE key_id = ? ORDER BY id", (key_id,)).fetchall()
+        finally:
+            conn.close()
+
+    def open_holds(self, key_id: int) -> int:
+        conn = self.db()
+        try:
+            return conn.execute("SELECT COUNT(*) FROM holds WHERE key_id = ?", (key_id,)).fetchone()[0]
+        finally:
+            conn.close()
+
+
+class Gateway(Books):
     """The gateway run as users run it: gunicorn with the gevent worker, on a free port of 127.0.0.1."""
 
     def __init__(self, tmp: Path, cfg: dict, workers: int = 1, env: dict[str, str] | None = None) -> None:
@@ -79,40 +118,6 @@ class Gateway:
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
-
-    def db(self) -> sqlite3.Connection:
-        conn = sqlite3.connect(self.db_path, isolation_level=None, timeout=10)
-        conn.row_factory = sqlite3.Row
-        return conn
-
-    def create_key(self, credits: str = "10", rpm: int | None = None, rpd: int | None = None,
-                   name: str = "test") -> tuple[int, str]:
-        conn = self.db()
-        try:
-            return keys.create(conn, name, billing.parse_credits(credits), rpm, rpd)
-        finally:
-            conn.close()
-
-    def balance(self, key_id: int) -> int:
-        conn = self.db()
-        try:
-            return conn.execute("SELECT balance FROM api_keys WHERE id = ?", (key_id,)).fetchone()[0]
-        finally:
-            conn.close()
-
-    def usage(self, key_id: int) -> list[sqlite3.Row]:
-        conn = self.db()
-        try:
-            return conn.execute("SELECT * FROM usage WHERE key_id = ? ORDER BY id", (key_id,)).fetchall()
-        finally:
-            conn.close()
-
-    def open_holds(self, key_id: int) -> int:
-        conn = self.db()
-        try:
-            return conn.execute("SELECT COUNT(*) FROM holds WHERE key_id = ?", (key_id,)).fetchone()[0]
-        finally:
-            conn.close()
 
     def flask(self, *args: str) -> subprocess.CompletedProcess:
         """Run an operator command (`flask --app app ...`) against this gateway's config."""

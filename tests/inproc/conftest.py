@@ -10,7 +10,6 @@ from __future__ import annotations
 import io
 import logging
 import os
-import sqlite3
 from pathlib import Path
 from typing import Any
 
@@ -21,11 +20,10 @@ from requests.adapters import BaseAdapter
 from requests.structures import CaseInsensitiveDict
 from werkzeug.test import Client
 
-import billing
 import config
 import db
-import keys
 from tests.conftest import GEMINI_KEY, UPSTREAM_KEY, to_toml
+from tests.gateway import Books
 
 HOST = "http://inproc.test"  # never resolved: every request under it goes to the WSGI app, not a socket
 
@@ -57,7 +55,7 @@ class WSGIAdapter(BaseAdapter):
         pass
 
 
-class InProcGateway:
+class InProcGateway(Books):
     """The app of one test deployment, in this process, with the e2e Gateway's helpers."""
 
     def __init__(self, tmp: Path, cfg: dict) -> None:
@@ -76,40 +74,6 @@ class InProcGateway:
         self.base_url = f"{HOST}/v1"
         self.http = requests.Session()
         self.http.mount(HOST, WSGIAdapter(self.app))
-
-    def db(self) -> sqlite3.Connection:
-        conn = sqlite3.connect(self.db_path, isolation_level=None, timeout=10)
-        conn.row_factory = sqlite3.Row
-        return conn
-
-    def create_key(self, credits: str = "10", rpm: int | None = None, rpd: int | None = None,
-                   name: str = "test") -> tuple[int, str]:
-        conn = self.db()
-        try:
-            return keys.create(conn, name, billing.parse_credits(credits), rpm, rpd)
-        finally:
-            conn.close()
-
-    def balance(self, key_id: int) -> int:
-        conn = self.db()
-        try:
-            return conn.execute("SELECT balance FROM api_keys WHERE id = ?", (key_id,)).fetchone()[0]
-        finally:
-            conn.close()
-
-    def usage(self, key_id: int) -> list[sqlite3.Row]:
-        conn = self.db()
-        try:
-            return conn.execute("SELECT * FROM usage WHERE key_id = ? ORDER BY id", (key_id,)).fetchall()
-        finally:
-            conn.close()
-
-    def open_holds(self, key_id: int) -> int:
-        conn = self.db()
-        try:
-            return conn.execute("SELECT COUNT(*) FROM holds WHERE key_id = ?", (key_id,)).fetchone()[0]
-        finally:
-            conn.close()
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""

@@ -3,15 +3,10 @@ Retry-After, a daily limit the SDK does not retry."""
 from __future__ import annotations
 
 import math
-import os
-import shutil
-import subprocess
 import time
 
 import openai
 import pytest
-
-from tests.conftest import free_port
 
 
 def test_rpm_shared_across_routes_with_openai_headers(gateway):
@@ -98,29 +93,5 @@ def test_health_is_not_limited(gateway):
     _, secret = gateway.create_key("1", rpm=1)
     for _ in range(5):
         assert gateway.http.get(f"{gateway.url}/health", headers={"Authorization": f"Bearer {secret}"}).ok
-
-
-@pytest.fixture
-def redis_url():
-    server = shutil.which("redis-server")
-    if not server:
-        # CI installs it (.ci/run), so there its absence is a broken CI, not a reason to skip.
-        if os.environ.get("CI"):
-            pytest.fail("redis-server is not on the PATH, but CI is set and .ci/run should have installed it")
-        pytest.skip("redis-server not on the PATH (apt-get install redis-server); CI runs this test")
-    port = free_port()
-    proc = subprocess.Popen([server, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 10
-    import socket
-    while time.monotonic() < deadline:
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
-            break
-        except OSError:
-            time.sleep(0.05)
-    yield f"redis://127.0.0.1:{port}/0"
-    proc.terminate()
-    proc.wait(timeout=10)
 
 
