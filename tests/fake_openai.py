@@ -39,10 +39,11 @@ from __future__ import annotations
 import argparse
 import json
 import re
-import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from typing import Any
+
+from tests.fake_http import FakeServer, FakeUpstream
 
 REPLY = "Hello from the fake upstream!"
 
@@ -76,7 +77,7 @@ def _tiktoken_usage(body: dict) -> dict:
 class _Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
     disable_nagle_algorithm = True  # headers and body go out as two writes; Nagle would hold the second 40 ms
-    server: _Server
+    server: FakeServer
 
     def log_message(self, *args: Any) -> None:
         pass
@@ -393,43 +394,8 @@ class _Handler(BaseHTTPRequestHandler):
             self.server.disconnects += 1
 
 
-class _Server(ThreadingHTTPServer):
-    daemon_threads = True
-    allow_reuse_address = True
-    request_queue_size = 128  # the default 5 drops connections when 50 parallel requests arrive at once
-
-    def __init__(self, addr: tuple[str, int], key: str) -> None:
-        super().__init__(addr, _Handler)
-        self.key = key
-        self.requests: list[dict] = []
-        self.disconnects = 0
-
-
-class FakeOpenAI:
-    """Start with .start() (or as a context manager); .base_url ends in /v1; .requests records every POST."""
-
-    def __init__(self, key: str = "sk-upstream-test", port: int = 0) -> None:
-        self.server = _Server(("127.0.0.1", port), key)
-        self.base_url = f"http://127.0.0.1:{self.server.server_address[1]}/v1"
-        self._thread = threading.Thread(target=self.server.serve_forever, daemon=True)
-
-    @property
-    def requests(self) -> list[dict]:
-        return self.server.requests
-
-    def start(self) -> FakeOpenAI:
-        self._thread.start()
-        return self
-
-    def stop(self) -> None:
-        self.server.shutdown()
-        self.server.server_close()
-
-    def __enter__(self) -> FakeOpenAI:
-        return self.start()
-
-    def __exit__(self, *exc: Any) -> None:
-        self.stop()
+class FakeOpenAI(FakeUpstream):
+    handler = _Handler
 
 
 if __name__ == "__main__":

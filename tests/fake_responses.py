@@ -20,10 +20,11 @@ from __future__ import annotations
 import argparse
 import json
 import re
-import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from typing import Any
+
+from tests.fake_http import FakeServer, FakeUpstream
 
 REPLY_WORDS = ["Hello ", "from ", "Responses", "!", " more", " words"]
 
@@ -44,7 +45,7 @@ def _last_text(body: dict) -> str:
 class _Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
     disable_nagle_algorithm = True
-    server: _Server
+    server: FakeServer
 
     def log_message(self, *args: Any) -> None:
         pass
@@ -215,42 +216,8 @@ class _Plan:
                 "usage": self.usage() if done else None}
 
 
-class _Server(ThreadingHTTPServer):
-    daemon_threads = True
-    allow_reuse_address = True
-
-    def __init__(self, addr: tuple[str, int], key: str) -> None:
-        super().__init__(addr, _Handler)
-        self.key = key
-        self.requests: list[dict] = []
-        self.disconnects = 0
-
-
-class FakeResponses:
-    """Start with .start() (or as a context manager); .base_url ends in /v1; .requests records every POST."""
-
-    def __init__(self, key: str = "sk-upstream-test", port: int = 0) -> None:
-        self.server = _Server(("127.0.0.1", port), key)
-        self.base_url = f"http://127.0.0.1:{self.server.server_address[1]}/v1"
-        self._thread = threading.Thread(target=self.server.serve_forever, daemon=True)
-
-    @property
-    def requests(self) -> list[dict]:
-        return self.server.requests
-
-    def start(self) -> FakeResponses:
-        self._thread.start()
-        return self
-
-    def stop(self) -> None:
-        self.server.shutdown()
-        self.server.server_close()
-
-    def __enter__(self) -> FakeResponses:
-        return self.start()
-
-    def __exit__(self, *exc: Any) -> None:
-        self.stop()
+class FakeResponses(FakeUpstream):
+    handler = _Handler
 
 
 if __name__ == "__main__":

@@ -23,10 +23,11 @@ import json
 import math
 import re
 import struct
-import threading
 import wave
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from typing import Any
+
+from tests.fake_http import FakeServer, FakeUpstream
 
 TRANSCRIPT = "The quick brown fox jumps over the lazy dog."
 AUDIO_TYPES = {"mp3": "audio/mpeg", "opus": "audio/opus", "aac": "audio/aac", "flac": "audio/flac",
@@ -84,7 +85,7 @@ def _stamp(seconds: float, sep: str) -> str:
 class _Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
     disable_nagle_algorithm = True
-    server: _Server
+    server: FakeServer
 
     def log_message(self, *args: Any) -> None:
         pass
@@ -220,38 +221,5 @@ class _Handler(BaseHTTPRequestHandler):
         self._json(200, {"id": "modr-fake", "model": body["model"], "results": results})
 
 
-class _Server(ThreadingHTTPServer):
-    daemon_threads = True
-    allow_reuse_address = True
-
-    def __init__(self, addr: tuple[str, int], key: str) -> None:
-        super().__init__(addr, _Handler)
-        self.key = key
-        self.requests: list[dict] = []
-
-
-class FakeMedia:
-    """Start with .start() (or as a context manager); .base_url ends in /v1; .requests records every POST."""
-
-    def __init__(self, key: str = "sk-upstream-test", port: int = 0) -> None:
-        self.server = _Server(("127.0.0.1", port), key)
-        self.base_url = f"http://127.0.0.1:{self.server.server_address[1]}/v1"
-        self._thread = threading.Thread(target=self.server.serve_forever, daemon=True)
-
-    @property
-    def requests(self) -> list[dict]:
-        return self.server.requests
-
-    def start(self) -> FakeMedia:
-        self._thread.start()
-        return self
-
-    def stop(self) -> None:
-        self.server.shutdown()
-        self.server.server_close()
-
-    def __enter__(self) -> FakeMedia:
-        return self.start()
-
-    def __exit__(self, *exc: Any) -> None:
-        self.stop()
+class FakeMedia(FakeUpstream):
+    handler = _Handler

@@ -1,0 +1,48 @@
+"""What every fake HTTP upstream on 127.0.0.1 shares: a threaded server that records requests, started and
+stopped in a background thread (or as a context manager). Each fake supplies only its request handler."""
+from __future__ import annotations
+
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any, Self
+
+
+class FakeServer(ThreadingHTTPServer):
+    daemon_threads = True
+    allow_reuse_address = True
+    request_queue_size = 128  # the default 5 drops connections when 50 parallel requests arrive at once
+
+    def __init__(self, addr: tuple[str, int], handler: type[BaseHTTPRequestHandler], key: str) -> None:
+        super().__init__(addr, handler)
+        self.key = key
+        self.requests: list[dict] = []
+        self.disconnects = 0
+
+
+class FakeUpstream:
+    """Start with .start() (or as a context manager); .base_url ends in /v1; .requests records every POST."""
+
+    handler: type[BaseHTTPRequestHandler]
+
+    def __init__(self, key: str = "sk-upstream-test", port: int = 0) -> None:
+        self.server = FakeServer(("127.0.0.1", port), self.handler, key)
+        self.base_url = f"http://127.0.0.1:{self.server.server_address[1]}/v1"
+        self._thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+
+    @property
+    def requests(self) -> list[dict]:
+        return self.server.requests
+
+    def start(self) -> Self:
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+    def __enter__(self) -> Self:
+        return self.start()
+
+    def __exit__(self, *exc: Any) -> None:
+        self.stop()
