@@ -9,22 +9,9 @@ import time
 import pytest
 import requests
 
+from tests.checks import assert_free
+
 NANO = 10**9
-
-
-def assert_free(gw, key_id: int, funded: int, status: int) -> None:
-    """A failed call costs nothing: balance as funded, no hold left, one free usage row, no charge in the ledger."""
-    assert gw.balance(key_id) == funded
-    assert gw.open_holds(key_id) == 0
-    rows = gw.usage(key_id)
-    assert rows and rows[-1]["status"] == status and rows[-1]["cost"] == 0
-    conn = gw.db()
-    try:
-        charged = conn.execute("SELECT COALESCE(SUM(amount), 0) FROM ledger WHERE key_id = ? AND kind = 'charge'",
-                               (key_id,)).fetchone()[0]
-    finally:
-        conn.close()
-    assert charged == 0
 
 
 def _post(gw, secret: str, path: str, body: dict, **kw) -> requests.Response:

@@ -16,6 +16,8 @@ from pathlib import Path
 import pytest
 import requests
 
+from tests.checks import gemini_calls, images
+from tests.checks import image_error as error
 from tests.conformance.validate import validate
 from tests.conftest import GEMINI_KEY, ROOT, UPSTREAM_KEY
 
@@ -45,36 +47,6 @@ def png_size(data: bytes) -> tuple[int, int]:
     assert data[:8] == PNG_SIGNATURE
     assert data[12:16] == b"IHDR"
     return struct.unpack(">II", data[16:24])
-
-
-def images(resp: requests.Response, count: int) -> dict:
-    """A 200 ImagesResponse with `count` images, checked against OpenAI's schema."""
-    assert resp.status_code == 200, resp.text
-    doc = resp.json()
-    assert validate("ImagesResponse", doc) == []
-    assert isinstance(doc["created"], int) and abs(doc["created"] - time.time()) < 60
-    assert len(doc["data"]) == count
-    return doc
-
-
-def error(resp: requests.Response, status: int, code: str, param: str | None = None) -> dict:
-    """The OpenAI-shaped error body, checked against the ErrorResponse schema."""
-    assert resp.status_code == status, resp.text
-    doc = resp.json()
-    assert validate("ErrorResponse", doc) == []
-    err = doc["error"]
-    assert err["code"] == code
-    assert err["param"] == param
-    return err
-
-
-def gemini_calls(fake, word: str) -> list[tuple[str, dict, dict]]:
-    """The fake Gemini's record of calls whose prompt mentions `word`: (path, headers, body)."""
-    def prompt(body: dict) -> str:
-        if "instances" in body:
-            return body["instances"][0]["prompt"]
-        return body["contents"][0]["parts"][0]["text"]
-    return [r for r in fake.requests if isinstance(r[2], dict) and word in prompt(r[2])]
 
 
 def openai_calls(fake, word: str) -> list[dict]:

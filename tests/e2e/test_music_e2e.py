@@ -1,7 +1,6 @@
 """POST /v1/audio/music end to end: the real gunicorn + gevent gateway, the fake Lyria server, `requests` as a user."""
 from __future__ import annotations
 
-import base64
 import io
 import time
 import uuid
@@ -12,7 +11,8 @@ from decimal import Decimal
 import pytest
 import requests
 
-from tests.conformance.validate import validate
+from tests.checks import audio
+from tests.checks import music_error as error
 from tests.conftest import GEMINI_KEY
 
 PRICE_NANO = 1_000_000  # lyria-realtime-exp: per_second 0.001 credits in the test config
@@ -40,25 +40,6 @@ def session_for(fake, word: str) -> dict:
             if any(word in p.get("text", "") for p in prompts):
                 return session
     raise AssertionError(f"no Lyria session with prompt {word!r}")
-
-
-def audio(resp: requests.Response) -> tuple[dict, bytes]:
-    assert resp.status_code == 200, resp.text
-    doc = resp.json()
-    return doc, base64.b64decode(doc["data"][0]["b64_audio"])
-
-
-def error(resp: requests.Response, status: int, code: str | None = None, param: str | None = None) -> dict:
-    """The OpenAI-shaped error body, checked against the ErrorResponse schema."""
-    assert resp.status_code == status, resp.text
-    doc = resp.json()
-    assert validate("ErrorResponse", doc) == []
-    err = doc["error"]
-    if code is not None:
-        assert err["code"] == code
-    if param is not None:
-        assert err["param"] == param and param in err["message"]
-    return err
 
 
 @pytest.mark.parametrize("asked, seconds", [(4, 4), (8, 8), (30, 30), (2, 4), (60, 30), (4.5, 4.5)])

@@ -2,14 +2,14 @@
 upstreams, the official SDK over WSGI): 400s, 402s, 404s, content policy, 429s and upstream failures, all free."""
 from __future__ import annotations
 
-import time
 import uuid
 
 import openai
 import pytest
 import requests
 
-from tests.conformance.validate import validate
+from tests.checks import gemini_calls, images
+from tests.checks import image_error as error
 from tests.conftest import GEMINI_KEY, UPSTREAM_KEY
 from tests.fake_gemini import RAI_REASON
 
@@ -27,36 +27,6 @@ def post(gw, secret: str, body: dict, timeout: float = 30) -> requests.Response:
     for secret_key in (GEMINI_KEY, UPSTREAM_KEY):
         assert secret_key not in resp.text and secret_key not in str(resp.headers)
     return resp
-
-
-def images(resp: requests.Response, count: int) -> dict:
-    """A 200 ImagesResponse with `count` images, checked against OpenAI's schema."""
-    assert resp.status_code == 200, resp.text
-    doc = resp.json()
-    assert validate("ImagesResponse", doc) == []
-    assert isinstance(doc["created"], int) and abs(doc["created"] - time.time()) < 60
-    assert len(doc["data"]) == count
-    return doc
-
-
-def error(resp: requests.Response, status: int, code: str, param: str | None = None) -> dict:
-    """The OpenAI-shaped error body, checked against the ErrorResponse schema."""
-    assert resp.status_code == status, resp.text
-    doc = resp.json()
-    assert validate("ErrorResponse", doc) == []
-    err = doc["error"]
-    assert err["code"] == code
-    assert err["param"] == param
-    return err
-
-
-def gemini_calls(fake, word: str) -> list[tuple[str, dict, dict]]:
-    """The fake Gemini's record of calls whose prompt mentions `word`: (path, headers, body)."""
-    def prompt(body: dict) -> str:
-        if "instances" in body:
-            return body["instances"][0]["prompt"]
-        return body["contents"][0]["parts"][0]["text"]
-    return [r for r in fake.requests if isinstance(r[2], dict) and word in prompt(r[2])]
 
 
 def one_row(gw, key_id: int) -> dict:

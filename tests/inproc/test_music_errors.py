@@ -2,13 +2,12 @@
 upstream failures, all free and never carrying the upstream key."""
 from __future__ import annotations
 
-import base64
 import time
 
 import pytest
 import requests
 
-from tests.conformance.validate import validate
+from tests.checks import music_error as error
 from tests.conftest import GEMINI_KEY
 
 PRICE_NANO = 1_000_000  # lyria-realtime-exp: per_second 0.001 credits in the test config
@@ -18,25 +17,6 @@ def post(gw, secret: str, body: dict, timeout: float = 30) -> requests.Response:
                          headers={"Authorization": f"Bearer {secret}"})
     assert GEMINI_KEY not in resp.text and GEMINI_KEY not in str(resp.headers)
     return resp
-
-
-def audio(resp: requests.Response) -> tuple[dict, bytes]:
-    assert resp.status_code == 200, resp.text
-    doc = resp.json()
-    return doc, base64.b64decode(doc["data"][0]["b64_audio"])
-
-
-def error(resp: requests.Response, status: int, code: str | None = None, param: str | None = None) -> dict:
-    """The OpenAI-shaped error body, checked against the ErrorResponse schema."""
-    assert resp.status_code == status, resp.text
-    doc = resp.json()
-    assert validate("ErrorResponse", doc) == []
-    err = doc["error"]
-    if code is not None:
-        assert err["code"] == code
-    if param is not None:
-        assert err["param"] == param and param in err["message"]
-    return err
 
 
 @pytest.mark.parametrize("body, status, code, words", [
