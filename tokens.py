@@ -58,14 +58,15 @@ def seed_cache(cache_dir: str) -> None:
             os.replace(tmp, dst)
 
 
-def _utf8_len(text: str) -> int:
+def most(text: str) -> int:
+    """The most tokens text can be: its UTF-8 length, since a byte-level BPE token is at least one byte."""
     # surrogatepass: JSON may carry a lone surrogate ("\ud800"), which strict UTF-8 refuses to encode.
     return len(text.encode("utf-8", "surrogatepass"))
 
 
 def estimate(text: str) -> int:
     """A quick upper-ish bound on the tokens in text, for holds."""
-    return (_utf8_len(text) + 2) // 3
+    return (most(text) + 2) // 3
 
 
 def count(text: str) -> int:
@@ -74,7 +75,7 @@ def count(text: str) -> int:
     if not text:
         return 0
     if len(text) > _EXACT_LIMIT:
-        return _utf8_len(text) // 3
+        return most(text) // 3
     if _encoding is None:
         if "TIKTOKEN_CACHE_DIR" not in os.environ or _cache_dir is not None:
             seed_cache(_cache_dir or os.path.join(tempfile.gettempdir(), "gateway-tiktoken"))

@@ -11,7 +11,9 @@ from flask import Flask, current_app, g, request
 from gunicorn.http.errors import ParseException
 
 from billing import Ticket
+from config import ModelConfig, UpstreamConfig
 from errors import BadRequestError, PayloadTooLargeError
+from providers.http import require_key
 
 # JSON nested deeper than this is refused: Python's parser and every recursive walk of a body after it (vision,
 # token counting, re-encoding for the upstream) would otherwise die with RecursionError, a 500.
@@ -22,6 +24,15 @@ def ticket(route: str) -> Ticket:
     """The request's bill, kept on flask.g so that auth's after_request hook can log a request that took no hold."""
     g.ticket = Ticket(current_app.config["GATEWAY"], g.api_key, g.request_id, route, "")
     return g.ticket
+
+
+def resolve(t: Ticket, name: object, mode: str, default: str | None = None) -> tuple[ModelConfig, UpstreamConfig]:
+    """The model a request names (or the route's default) and its upstream, noted on the ticket; 404/400 for a
+    model it cannot use, and 502 when the upstream's key is not set, all before any credit moves."""
+    model, upstream = t.cfg.model_for(name, mode, default)
+    t.model = model.id
+    require_key(upstream)
+    return model, upstream
 
 
 def _read_body(limit: int) -> bytes:

@@ -29,7 +29,6 @@ import tokens
 import validation
 from auth import UPLOAD_BODY_BYTES
 from errors import BadRequestError, GatewayError, PayloadTooLargeError
-from providers.http import require_key
 
 bp = Blueprint("audio", __name__)
 _MIME = re.compile(r"[\w.+-]+/[\w.+-]+")
@@ -43,15 +42,12 @@ def speech() -> Response:
 
 
 def handle_speech(ticket: billing.Ticket, req: validation.SpeechRequest) -> Response:
-    cfg = current_app.config["GATEWAY"]
-    model, upstream = cfg.model_for(req.model, "speech")
-    require_key(upstream)
-    ticket.model = model.id
+    model, upstream = routes.resolve(ticket, req.model, "speech")
     chars = len(req.text)
     priced_tokens = billing.token_priced(model)
     prompt = req.text + (req.body.get("instructions") or "")
     # Token-priced: the prompt's worst case (a token per byte is beyond any BPE) and the model's most audio tokens.
-    token_hold = billing.token_cost(model, len(prompt.encode("utf-8", "surrogatepass")), model.max_output_tokens) \
+    token_hold = billing.token_cost(model, tokens.most(prompt), model.max_output_tokens) \
         if priced_tokens else 0
     ticket.hold_fixed(billing.chars_cost(model, chars) + token_hold, f"{chars} characters of speech from {model.id}",
                       "send a shorter input")
@@ -132,9 +128,7 @@ def handle_transcription(ticket: billing.Ticket, route: str) -> Response:
         raise BadRequestError("The audio file is empty.", param="file", code="invalid_value")
     if size > validation.MAX_AUDIO_FILE_BYTES:
         raise PayloadTooLargeError(f"The audio file is {size} bytes; the limit is {validation.MAX_AUDIO_FILE_BYTES}.")
-    model, upstream = cfg.model_for(req.model, "transcription")
-    require_key(upstream)
-    ticket.model = model.id
+    model, upstream = routes.resolve(ticket, req.model, "transcription")
     hold, estimate_seconds = billing.transcription_hold(model, size)
     ticket.hold_fixed(hold, f"transcribing a {size}-byte file with {model.id}", "send a shorter file")
     mime = upload.mimetype if _MIME.fullmatch(upload.mimetype or "") else "application/octet-stream"

@@ -13,7 +13,6 @@ import tokens
 import validation
 import vision
 from config import ModelConfig, UpstreamConfig
-from providers.http import require_key
 from routes.relay import Relay
 
 bp = Blueprint("chat", __name__)
@@ -34,9 +33,7 @@ def completions() -> Response:
 def handle(ticket: billing.Ticket, req: validation.TextRequest, heartbeat: float) -> Response:
     """Run one chat or legacy completion request end to end; the ticket is settled on every path."""
     route, body = req.route, req.body
-    model, upstream = ticket.cfg.model_for(req.model, "chat")
-    require_key(upstream)  # a missing upstream key is a 502 before any credit moves
-    ticket.model = model.id
+    model, upstream = routes.resolve(ticket, req.model, "chat")
     # Images are checked and priced before the hold (a refused image costs nothing) and fetched after it.
     images = vision.plan(ticket.cfg, model, upstream, body, ticket.key.id) if route == "chat" else None
     extra_hold = images.extra_hold if images else 0

@@ -1,14 +1,13 @@
 """POST /v1/embeddings: validate, hold the input's worst case, call the provider, charge usage.prompt_tokens."""
 from __future__ import annotations
 
-from flask import Blueprint, Response, current_app
+from flask import Blueprint, Response
 
 import billing
 import providers
 import routes
 import tokens
 import validation
-from providers.http import require_key
 
 bp = Blueprint("embeddings", __name__)
 
@@ -20,13 +19,10 @@ def create_embeddings() -> Response:
 
 
 def handle(ticket: billing.Ticket, req: validation.EmbeddingsRequest) -> Response:
-    cfg = current_app.config["GATEWAY"]
-    model, upstream = cfg.model_for(req.model, "embedding")
-    require_key(upstream)
-    ticket.model = model.id
-    # A token is at least one byte of text, so the input's UTF-8 length (plus the token arrays' lengths) is a
-    # bound no answer can pass; embedding prices are small enough that holding it costs a key little.
-    worst = sum(len(t.encode("utf-8", "surrogatepass")) for t in req.texts) + req.tokens
+    model, upstream = routes.resolve(ticket, req.model, "embedding")
+    # The most tokens the input can be (plus the token arrays' lengths) is a bound no answer can pass; embedding
+    # prices are small enough that holding it costs a key little.
+    worst = sum(tokens.most(t) for t in req.texts) + req.tokens
     ticket.hold_fixed(billing.token_cost(model, worst, 0), f"embeddings of this input with {model.id}",
                       "send less input")
     with ticket.settled_on_error():

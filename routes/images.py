@@ -15,7 +15,6 @@ import providers
 import routes
 import validation
 from billing import Ticket
-from providers.http import require_key
 
 log = logging.getLogger("gateway")
 bp = Blueprint("images", __name__)
@@ -30,9 +29,7 @@ def images_generations() -> Response:
 def handle(ticket: Ticket, req: validation.ImagesRequest) -> Response:
     """Run one image request end to end and answer OpenAI's ImagesResponse with the credit headers."""
     cfg = current_app.config["GATEWAY"]
-    model, upstream = cfg.model_for(req.model, "image", cfg.images.default_model)
-    ticket.model = model.id
-    require_key(upstream)  # a missing upstream key is a 502 before any credit moves
+    model, upstream = routes.resolve(ticket, req.model, "image", cfg.images.default_model)
     ticket.hold_images(model, req.n)
     with ticket.settled_on_error():  # no image, no charge
         result = providers.for_upstream(upstream).images(upstream, model, req.body, req.prompt, req.n, req.size,

@@ -1,14 +1,13 @@
 """POST /v1/moderations: relayed; free unless the model has an input price, authenticated, limited and logged."""
 from __future__ import annotations
 
-from flask import Blueprint, Response, current_app
+from flask import Blueprint, Response
 
 import billing
 import providers
 import routes
 import tokens
 import validation
-from providers.http import require_key
 
 bp = Blueprint("moderations", __name__)
 DEFAULT_MODEL = "omni-moderation-latest"  # OpenAI's default when a request names none
@@ -21,11 +20,8 @@ def create_moderation() -> Response:
 
 
 def handle(ticket: billing.Ticket, req: validation.ModerationRequest) -> Response:
-    cfg = current_app.config["GATEWAY"]
-    model, upstream = cfg.model_for(req.model, "moderation", DEFAULT_MODEL)
-    require_key(upstream)
-    ticket.model = model.id
-    worst = sum(len(t.encode("utf-8", "surrogatepass")) for t in req.texts)  # a token is at least a byte
+    model, upstream = routes.resolve(ticket, req.model, "moderation", DEFAULT_MODEL)
+    worst = sum(tokens.most(t) for t in req.texts)
     ticket.hold_fixed(billing.token_cost(model, worst, 0), f"moderating this input with {model.id}",
                       "send less input")
     with ticket.settled_on_error():

@@ -19,7 +19,6 @@ import routes
 import validation
 from billing import Ticket
 from providers.base import MusicResult
-from providers.http import require_key
 
 bp = Blueprint("music", __name__)
 
@@ -50,9 +49,7 @@ def _seconds_json(seconds: float) -> int | float:
 def handle(ticket: Ticket, req: validation.MusicRequest) -> Response:
     """Run one music request end to end and answer OpenAI-style JSON with the whole clip in data[0]."""
     cfg = current_app.config["GATEWAY"]
-    model, upstream = cfg.model_for(req.model, "music", cfg.music.default_model)
-    ticket.model = model.id
-    require_key(upstream)  # a missing upstream key is a 502 before any credit moves
+    model, upstream = routes.resolve(ticket, req.model, "music", cfg.music.default_model)
     ticket.hold_seconds(model, req.seconds, _seconds_json(req.seconds))
     with ticket.settled_on_error():  # a failed generation costs nothing
         clip = providers.for_upstream(upstream).music(upstream, model, req.prompts, req.config, req.seconds)

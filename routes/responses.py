@@ -22,7 +22,6 @@ import validation
 from config import Config
 from errors import GatewayError
 from providers.base import ResponsesEvent
-from providers.http import require_key
 from routes.relay import Relay
 
 bp = Blueprint("responses", __name__)
@@ -89,10 +88,8 @@ def check_image_urls(cfg: Config, body: dict) -> None:
 
 
 def handle(ticket: billing.Ticket, req: validation.ResponsesRequest, heartbeat: float) -> Response:
-    model, upstream = ticket.cfg.model_for(req.model, "chat")
-    require_key(upstream)  # a missing upstream key is a 502 before any credit moves
+    model, upstream = routes.resolve(ticket, req.model, "chat")
     check_image_urls(ticket.cfg, req.body)
-    ticket.model = model.id
     provider = providers.for_upstream(upstream)
     up_body = dict(req.body)
     up_body["model"] = model.upstream_model
