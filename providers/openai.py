@@ -83,9 +83,11 @@ def call(upstream: UpstreamConfig, path: str, body: dict) -> dict:
         resp.close()
 
 
-def open_stream(upstream: UpstreamConfig, path: str, body: dict) -> Reply:
-    """Start a streamed call; returns the open response once the upstream has answered 200."""
-    headers = {**_headers(upstream), "Accept": "text/event-stream", "Accept-Encoding": "identity"}
+def open_stream(upstream: UpstreamConfig, path: str, body: dict, accept: str = "text/event-stream") -> Reply:
+    """Start a streamed call; returns the open response once the upstream has answered 200 (else its error)."""
+    headers = {**_headers(upstream), "Accept-Encoding": "identity"}
+    if accept:
+        headers["Accept"] = accept
     resp = post(upstream, _url(upstream, path), body, headers, stream=True)
     if resp.status_code != 200:
         try:
@@ -374,14 +376,7 @@ class OpenAIProvider:
         client_sse = body.get("stream_format") == "sse"
         decode = want_usage and not client_sse
         up_body = {**body, "stream_format": "sse"} if decode else body
-        headers = {**_headers(upstream), "Accept-Encoding": "identity"}
-        resp = post(upstream, _url(upstream, "audio/speech"), up_body, headers, stream=True)
-        if resp.status_code != 200:
-            try:
-                resp.load(upstream)
-                raise parse_error(upstream, resp)
-            finally:
-                resp.close()
+        resp = open_stream(upstream, "audio/speech", up_body, accept="")  # audio of any type, or SSE
         # An upstream that ignored stream_format sent the audio itself: relayed as it is, and no usage comes.
         decode = decode and "event-stream" in (resp.headers.get("Content-Type") or "")
         fmt = body.get("response_format") or "mp3"
