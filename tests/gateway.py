@@ -119,11 +119,66 @@ class Gateway(Books):
     def log(self) -> str:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
 
-    def flask(self, *args: str) -> subprocess.CompletedProcess:
-        """Run an operator command (`flask --app app ...`) against this gateway's config."""
+    def flask(self, *args: str, in_process: bool = True) -> subprocess.CompletedProcess:
+        """Run an operator command (`flask --app app ...`) against this gateway's config.
+
+        In process by default (flask_in_process): a CLI subprocess costs about 0.4 s of CPU in imports alone, and
+        the tests run dozens. in_process=False runs the real `flask` executable, for tests where the process
+        itself (its start-up output, app discovery, several processes at once) is what is checked.
+        """
+        if in_process:
+            return flask_in_process(self.env, args)
         return subprocess.run([str(Path(sys.executable).with_name("flask")), "--app", "app", *args], cwd=ROOT,
                               env=self.env, capture_output=True, text=True, timeout=60)
 
     def client(self, key: str, **kw: Any):
         import openai
         return openai.OpenAI(base_url=self.base_url, api_key=key, **{"max_retries": 0, **kw})
+
+
+class _CurrentStderr:
+    """A stream that writes to whatever sys.stderr is when a record is written (CliRunner swaps it per command)."""
+
+    def write(self, text: str) -> int:
+        return sys.stderr.write(text)
+
+    def flush(self) -> None:
+        sys.stderr.flush()
+
+
+def flask_in_process(env: dict[str, str], args: tuple[str, ...]) -> subprocess.CompletedProcess:
+    """`flask --app app ARGS` run by click's test runner in this process, as the real command runs it.
+
+    The same entry point (flask.cli.cli with --app app: the module imported, create_app() found and called with no
+    argument, so the config comes from GATEWAY_CONFIG), the exact environment of the subprocess for the duration,
+    stdout and stderr apart, the exit code as the process's. What a fresh process starts without is given to it:
+    the gateway logger as app._setup_logging leaves it, writing to this command's stderr; the tokens module's
+    cache directory, which create_app sets, is put back afterwards. An exception no command handles is raised
+    here (a real run would print its traceback and exit 1), so the calling test fails on it.
+    """
+    import logging
+
+    import flask.cli
+    from click.testing import CliRunner
+
+    import tokens
+
+    # Variables the subprocess would not have are unset (None), and flask's own FLASK_RUN_FROM_CLI put back.
+    run_env: dict[str, str | None] = {name: None for name in os.environ}
+    run_env["FLASK_RUN_FROM_CLI"] = None
+    run_env.update(env)
+    log = logging.getLogger("gateway")
+    handlers, level, propagate, cache_dir = log.handlers[:], log.level, log.propagate, tokens._cache_dir
+    handler = logging.StreamHandler(_CurrentStderr())
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s %(message)s"))
+    log.handlers = [handler]
+    log.setLevel(env.get("GATEWAY_LOG_LEVEL", "INFO"))
+    log.propagate = False
+    try:
+        result = CliRunner(env=run_env, catch_exceptions=False).invoke(
+            flask.cli.cli, ["--app", "app", *args], prog_name="flask")
+    finally:
+        log.handlers, log.propagate, tokens._cache_dir = handlers, propagate, cache_dir
+        log.setLevel(level)
+    return subprocess.CompletedProcess(["flask", "--app", "app", *args], result.exit_code, result.stdout,
+                                       result.stderr)
