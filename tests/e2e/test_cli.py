@@ -1,4 +1,7 @@
-"""The operator's commands, run as `flask --app app ...` against a real database."""
+"""The operator's commands, run as `flask --app app ...` against a real database.
+
+gw.flask runs a command in this process (tests.gateway.flask_in_process); the tests about processes (several
+creating keys at once, one waiting on another's lock) start real `flask` processes."""
 from __future__ import annotations
 
 import re
@@ -12,7 +15,6 @@ import pytest
 from tests.conftest import ROOT
 
 
-@pytest.mark.long(seconds=13)
 def test_key_lifecycle_and_audit(gateway):
     created = gateway.flask("keys", "create", "--name", "alice", "--credits", "0.5", "--rpm", "7")
     assert created.returncode == 0, created.stderr
@@ -77,7 +79,6 @@ def _one_sentence(result, *words: str) -> None:
         assert word in lines[0], lines[0]
 
 
-@pytest.mark.long(seconds=6)
 def test_topup_past_the_bound_writes_nothing(make_deployment):
     gw = make_deployment()
     key_id, _ = gw.create_key("1")

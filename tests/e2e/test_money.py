@@ -239,7 +239,7 @@ class GatedOpenAI(FakeOpenAI):
         self.server.gate = threading.Event()
 
 
-@pytest.mark.long(seconds=10)
+@pytest.mark.long(seconds=6)
 def test_cli_commands_and_other_workers_never_release_a_live_stream(make_gateway):
     """hold_ttl_seconds is 2; the stream lasts until the test is done: `keys list`, `audit` and a second gateway
     starting on the same database run meanwhile, after the hold is older than the ttl. The stream is charged in
