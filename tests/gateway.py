@@ -151,10 +151,10 @@ def flask_in_process(env: dict[str, str], args: tuple[str, ...]) -> subprocess.C
 
     The same entry point (flask.cli.cli with --app app: the module imported, create_app() found and called with no
     argument, so the config comes from GATEWAY_CONFIG), the exact environment of the subprocess for the duration,
-    stdout and stderr apart, the exit code as the process's. What a fresh process starts without is given to it:
-    the gateway logger as app._setup_logging leaves it, writing to this command's stderr; the tokens module's
-    cache directory, which create_app sets, is put back afterwards. An exception no command handles is raised
-    here (a real run would print its traceback and exit 1), so the calling test fails on it.
+    stdout and stderr apart, the exit code as the process's. The gateway logger is set up as in a fresh process
+    (app._setup_logging), writing to this command's stderr; it, the tokens module's cache directory (create_app
+    sets it) and sys.path are put back afterwards. An exception no command handles is raised here (a real run
+    would print its traceback and exit 1), so the calling test fails on it.
     """
     import logging
 
@@ -169,6 +169,7 @@ def flask_in_process(env: dict[str, str], args: tuple[str, ...]) -> subprocess.C
     run_env.update(env)
     log = logging.getLogger("gateway")
     handlers, level, propagate, cache_dir = log.handlers[:], log.level, log.propagate, tokens._cache_dir
+    path = sys.path[:]  # flask's --app puts the working directory first
     handler = logging.StreamHandler(_CurrentStderr())
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s %(message)s"))
     log.handlers = [handler]
@@ -178,7 +179,7 @@ def flask_in_process(env: dict[str, str], args: tuple[str, ...]) -> subprocess.C
         result = CliRunner(env=run_env, catch_exceptions=False).invoke(
             flask.cli.cli, ["--app", "app", *args], prog_name="flask")
     finally:
-        log.handlers, log.propagate, tokens._cache_dir = handlers, propagate, cache_dir
+        log.handlers, log.propagate, tokens._cache_dir, sys.path[:] = handlers, propagate, cache_dir, path
         log.setLevel(level)
     return subprocess.CompletedProcess(["flask", "--app", "app", *args], result.exit_code, result.stdout,
                                        result.stderr)
