@@ -143,7 +143,7 @@ def test_a_lock_held_past_the_wait_says_nothing_was_written(make_deployment, mon
     holder.execute("BEGIN IMMEDIATE")  # another writer that never lets go
     try:
         flask = str(Path(sys.executable).with_name("flask"))
-        code = ("import db; db.SETUP_WAIT_SECONDS = 1.0; from flask.cli import main; import sys; "
+        code = ("import db; db.SETUP_WAIT_SECONDS = 0.3; from flask.cli import main; import sys; "
                 "sys.argv = ['flask', '--app', 'app', 'keys', 'topup', sys.argv[1], '5']; main()")
         assert Path(flask).exists()
         result = subprocess.run([sys.executable, "-c", code, str(key_id)], cwd=ROOT, env=gw.env,
