@@ -26,6 +26,8 @@ Hostile upstreams (the block at the end of _Handler):
   [echo500-text]     a 500 whose body is plain text repeating the same
   [echo-midstream]   stream one chunk, then a data: {"error": ...} event repeating the same
   [retry-inf]   429 with Retry-After: inf
+  [hang]        read the request, then answer nothing until the client hangs up (at most 60 s): only the
+                gateway's own read timeout ends the call
   [huge-event=M]     stream M MiB of one event that never ends (no blank line), then hang up
   [crlf]        stream with CRLF line endings, each CR and LF written (and flushed) on its own
   [drip]        answer 200 with Content-Length 10000, then one body byte every 0.2 s (at most 60 s)
@@ -287,6 +289,9 @@ class _Handler(BaseHTTPRequestHandler):
         if "[echo500-text]" in text:
             self._raw(500, self._echo_text().encode(), "text/plain")
             return True
+        if "[hang]" in text:
+            self._hang()
+            return True
         if "[retry-inf]" in text:
             self._error(429, "Slow down.", "requests", None, {"Retry-After": "inf"})
             return True
@@ -360,6 +365,15 @@ class _Handler(BaseHTTPRequestHandler):
         self.send_header("Content-Type", content_type)
         self.send_header("Transfer-Encoding", "chunked")
         self.end_headers()
+
+    def _hang(self) -> None:
+        """Block until the client closes its end (recv then sees EOF) or 60 s pass; write nothing."""
+        self.close_connection = True
+        self.connection.settimeout(60)
+        try:
+            self.connection.recv(1)
+        except OSError:
+            pass
 
     def _drip(self, data: bytes) -> None:
         """Write data a byte every 0.2 s until it is gone or the reader hangs up."""

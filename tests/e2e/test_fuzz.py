@@ -356,7 +356,7 @@ def encode(body: Any) -> bytes:
 @pytest.fixture(scope="module")
 def fuzz(gateway_config):
     tmp, cfg = gateway_config()
-    for name in ("gpt-nokey", "gpt-dead", "lyria-nosetup"):  # they fail with a 502 on purpose
+    for name in ("gpt-nokey", "gpt-dead", "lyria-nosetup", "lyria-nokey"):  # they fail with a 5xx on purpose
         del cfg["models"][name]
     gw = Gateway(tmp, cfg).start()
     f = Fuzz(gw)
