@@ -4,9 +4,10 @@ in a background thread.
 Behaviour is chosen by magic words in the prompt text:
   [filter]     answer the prompts with filteredPrompt and play nothing
   [warn]       send a warning frame first, then play normally
-  [close1011]  close with 1011 "internal error" after about 1 s of audio
+  [close1011]  close with 1011 "internal error" after the first chunk (at least 1 s) of audio
   [stall]      accept PLAY but never send audio
-  [echo-close] close with 1011 and a reason repeating the key (as x-goog-api-key: and key=) after about 1 s
+  [echo-close] close with 1011 and a reason repeating the key (as x-goog-api-key: and key=) after the first
+               chunk (at least 1 s)
   [echo-warn]  send a warning frame repeating the key, then play normally
   [nosetup]    never answer setup; since prompts only follow setupComplete, this word is read from the setup
                model name (e.g. "lyria-realtime-exp[nosetup]") or given to the constructor as `behaviour`.
@@ -61,14 +62,14 @@ def _new_session(request: Request, status: int) -> dict:
 class FakeLyria:
     """Run with `with FakeLyria(key="k") as fake:`; point an upstream's base_url at `fake.url`."""
 
-    def __init__(self, key: str = "test-key", *, chunk_seconds: float = 0.5, chunk_delay: float = 0.005,
+    def __init__(self, key: str = "test-key", *, chunk_seconds: float = 2.0, chunk_delay: float = 0.005,
                  max_seconds: float = 60.0, behaviour: str | None = None) -> None:
         self.key = key
         self.chunk = sine_pcm(chunk_seconds)
         self._chunk_b64 = base64.b64encode(self.chunk).decode()  # encoded once: many sessions share the CPU
         self.chunk_seconds = chunk_seconds
-        # Sleep between chunks: 100x faster than real time by default, so a 30 s clip streams in about 0.3 s,
-        # yet chunks still arrive as separate frames over time rather than in one burst.
+        # Sleep between chunks: far faster than real time by default (a 30 s clip is 15 chunks in about 0.1 s of
+        # sleeping), yet chunks still arrive as separate frames over time rather than in one burst.
         self.chunk_delay = chunk_delay
         self.max_seconds = max_seconds      # stop streaming here even without STOP
         self.behaviour = behaviour          # one of MAGIC, applied to every session

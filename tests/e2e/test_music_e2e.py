@@ -117,9 +117,9 @@ def test_missing_upstream_key_is_502_naming_the_variable(gateway, key):
 
 def test_ten_concurrent_clips_take_about_as_long_as_one(gateway, key):
     key_id, secret = key
-    # Paced at 10x real time (0.05 s per 0.5 s chunk) so that one clip's time is mostly waiting for the upstream,
+    # Paced at 10x real time (0.2 s per 2 s chunk) so that one clip's time is mostly waiting for the upstream,
     # which is what ten concurrent clips must overlap; at the fake's default pace CPU would dominate.
-    body = {"prompt": "drum and bass [pace=0.05]", "duration_seconds": 4}
+    body = {"prompt": "drum and bass [pace=0.2]", "duration_seconds": 4}
     audio(post(gateway, secret, {**body, "prompt": "drum and bass"}))  # warm up (at the fake's default pace)
     start = time.monotonic()
     audio(post(gateway, secret, body))
