@@ -27,7 +27,8 @@ class FakeUpstream:
     def __init__(self, key: str = "sk-upstream-test", port: int = 0) -> None:
         self.server = FakeServer(("127.0.0.1", port), self.handler, key)
         self.base_url = f"http://127.0.0.1:{self.server.server_address[1]}/v1"
-        self._thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        # Polled every 0.05 s, not socketserver's 0.5 s: stop() waits for the next poll, once per fake per test.
+        self._thread = threading.Thread(target=self.server.serve_forever, args=(0.05,), daemon=True)
 
     @property
     def requests(self) -> list[dict]:
