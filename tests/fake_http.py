@@ -17,6 +17,7 @@ class FakeServer(ThreadingHTTPServer):
         self.key = key
         self.requests: list[dict] = []
         self.disconnects = 0
+        self.released: set[str] = set()  # words a test has released (FakeUpstream.release)
 
 
 class FakeUpstream:
@@ -33,6 +34,10 @@ class FakeUpstream:
     @property
     def requests(self) -> list[dict]:
         return self.server.requests
+
+    def release(self, word: str) -> None:
+        """End the answers waiting on `word` (the fake OpenAI's [until=word] streams)."""
+        self.server.released.add(word)
 
     def start(self) -> Self:
         self._thread.start()

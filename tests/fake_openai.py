@@ -5,6 +5,8 @@ Behaviour is chosen by magic words in the last message (or the prompt):
   [usage=P,C]   report P prompt and C completion tokens (default 11 and the number of content chunks)
   [nousage]     never report usage          [chunks=N]  stream N content chunks (default 4)
   [delay=S]     sleep S seconds between stream chunks     [slow]  sleep 3 s before answering
+  [until=W]     stream a chunk every 0.1 s (or [delay=S]) until the test calls fake.release("W") (at most 600),
+                then finish as usual: a stream that stays live exactly as long as a test needs it
   [error400] [error401] [error429] [error500]  answer with that HTTP error
   [cut]         stream two chunks, then drop the connection without [DONE]
   [malformed]   stream one chunk, then a data line that is not JSON
@@ -217,6 +219,9 @@ class _Handler(BaseHTTPRequestHandler):
         count = int(m.group(1)) if m else 4
         m = re.search(r"\[delay=([\d.]+)\]", text)
         delay = float(m.group(1)) if m else 0.0
+        until = re.search(r"\[until=([^\]]+)\]", text)
+        if until:
+            delay, count = delay or 0.1, 600
         self.send_response(200)
         self.send_header("Content-Type", "text/event-stream")
         self.send_header("Transfer-Encoding", "chunked")
@@ -229,6 +234,8 @@ class _Handler(BaseHTTPRequestHandler):
             if not legacy:
                 event(self._chunk(body, legacy, None, role=True))
             for i in range(count):
+                if until and until.group(1) in self.server.released:
+                    break
                 if delay:
                     time.sleep(delay)
                 chunk = self._chunk(body, legacy, f"tok{i} ")
