@@ -81,7 +81,6 @@ def base_config(tmp: Path, openai_url: str, gemini_url: str, lyria_url: str) -> 
                            "timeout_seconds": 0.5, "connect_timeout_seconds": 2},
             "lyria-short": {"kind": "lyria", "base_url": lyria_url, "api_key_env": "TEST_GEMINI_KEY",
                             "timeout_seconds": 0.5, "connect_timeout_seconds": 2},
-            "lyria-nokey": {"kind": "lyria", "base_url": lyria_url, "api_key_env": "TEST_MISSING_KEY"},
         },
         "models": {
             "gpt-test": {"upstream": "fake", "upstream_model": "gpt-4.1-mini", "input_price": Raw("0.40"),
@@ -103,7 +102,6 @@ def base_config(tmp: Path, openai_url: str, gemini_url: str, lyria_url: str) -> 
                             "per_second": Raw("0.001")},
             "lyria-nosetup": {"upstream": "lyria-short", "upstream_model": "lyria-realtime-exp[nosetup]",
                               "mode": "music", "per_second": Raw("0.001")},
-            "lyria-nokey": {"upstream": "lyria-nokey", "mode": "music", "per_second": Raw("0.001")},
         },
         "vision": {"bridge_model": "gpt-test", "allow_loopback_image_hosts": True},
     }
