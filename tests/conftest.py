@@ -75,6 +75,12 @@ def base_config(tmp: Path, openai_url: str, gemini_url: str, lyria_url: str) -> 
                        "timeout_seconds": 2},
             "lyria": {"kind": "lyria", "base_url": lyria_url, "api_key_env": "TEST_GEMINI_KEY",
                       "timeout_seconds": 3, "connect_timeout_seconds": 2},
+            # For tests whose fake never answers: a short wait for the answer that never comes, while connecting
+            # keeps the margin a healthy fake needs on a loaded machine. Healthy requests use the upstreams above.
+            "fake-short": {"kind": "openai", "base_url": openai_url, "api_key_env": "TEST_UPSTREAM_KEY",
+                           "timeout_seconds": 0.5, "connect_timeout_seconds": 2},
+            "lyria-short": {"kind": "lyria", "base_url": lyria_url, "api_key_env": "TEST_GEMINI_KEY",
+                            "timeout_seconds": 0.5, "connect_timeout_seconds": 2},
         },
         "models": {
             "gpt-test": {"upstream": "fake", "upstream_model": "gpt-4.1-mini", "input_price": Raw("0.40"),
@@ -90,7 +96,11 @@ def base_config(tmp: Path, openai_url: str, gemini_url: str, lyria_url: str) -> 
             "imagen-4.0-generate-001": {"upstream": "gemini", "mode": "image", "per_image": Raw("0.04")},
             "gpt-image-1": {"upstream": "fake", "mode": "image", "per_image": Raw("0.042")},
             "lyria-realtime-exp": {"upstream": "lyria", "mode": "music", "per_second": Raw("0.001")},
-            "lyria-nosetup": {"upstream": "lyria", "upstream_model": "lyria-realtime-exp[nosetup]",
+            "gpt-short": {"upstream": "fake-short", "upstream_model": "gpt-test", "input_price": Raw("0.40"),
+                          "output_price": Raw("1.60"), "max_output_tokens": 1000},
+            "lyria-short": {"upstream": "lyria-short", "upstream_model": "lyria-realtime-exp", "mode": "music",
+                            "per_second": Raw("0.001")},
+            "lyria-nosetup": {"upstream": "lyria-short", "upstream_model": "lyria-realtime-exp[nosetup]",
                               "mode": "music", "per_second": Raw("0.001")},
         },
         "vision": {"bridge_model": "gpt-test", "allow_loopback_image_hosts": True},

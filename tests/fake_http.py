@@ -17,6 +17,7 @@ class FakeServer(ThreadingHTTPServer):
         self.key = key
         self.requests: list[dict] = []
         self.disconnects = 0
+        self.released: set[str] = set()  # words a test has released (FakeUpstream.release)
 
 
 class FakeUpstream:
@@ -27,11 +28,16 @@ class FakeUpstream:
     def __init__(self, key: str = "sk-upstream-test", port: int = 0) -> None:
         self.server = FakeServer(("127.0.0.1", port), self.handler, key)
         self.base_url = f"http://127.0.0.1:{self.server.server_address[1]}/v1"
-        self._thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        # Polled every 0.05 s, not socketserver's 0.5 s: stop() waits for the next poll, once per fake per test.
+        self._thread = threading.Thread(target=self.server.serve_forever, args=(0.05,), daemon=True)
 
     @property
     def requests(self) -> list[dict]:
         return self.server.requests
+
+    def release(self, word: str) -> None:
+        """End the answers waiting on `word` (the fake OpenAI's [until=word] streams)."""
+        self.server.released.add(word)
 
     def start(self) -> Self:
         self._thread.start()

@@ -4,18 +4,22 @@ in a background thread.
 Behaviour is chosen by magic words in the prompt text:
   [filter]     answer the prompts with filteredPrompt and play nothing
   [warn]       send a warning frame first, then play normally
-  [close1011]  close with 1011 "internal error" after about 1 s of audio
+  [close1011]  close with 1011 "internal error" after the first chunk (at least 1 s) of audio
   [stall]      accept PLAY but never send audio
-  [echo-close] close with 1011 and a reason repeating the key (as x-goog-api-key: and key=) after about 1 s
+  [echo-close] close with 1011 and a reason repeating the key (as x-goog-api-key: and key=) after the first
+               chunk (at least 1 s)
   [echo-warn]  send a warning frame repeating the key, then play normally
   [nosetup]    never answer setup; since prompts only follow setupComplete, this word is read from the setup
                model name (e.g. "lyria-realtime-exp[nosetup]") or given to the constructor as `behaviour`.
+  [pace=S]     sleep S s between chunks in this session instead of the constructor's chunk_delay (a test that
+               compares one clip's time with ten concurrent ones needs waiting, not CPU, to dominate)
 """
 from __future__ import annotations
 
 import base64
 import json
 import math
+import re
 import sys
 import threading
 from array import array
@@ -58,13 +62,15 @@ def _new_session(request: Request, status: int) -> dict:
 class FakeLyria:
     """Run with `with FakeLyria(key="k") as fake:`; point an upstream's base_url at `fake.url`."""
 
-    def __init__(self, key: str = "test-key", *, chunk_seconds: float = 0.5, chunk_delay: float = 0.05,
+    def __init__(self, key: str = "test-key", *, chunk_seconds: float = 2.0, chunk_delay: float = 0.005,
                  max_seconds: float = 60.0, behaviour: str | None = None) -> None:
         self.key = key
         self.chunk = sine_pcm(chunk_seconds)
         self._chunk_b64 = base64.b64encode(self.chunk).decode()  # encoded once: many sessions share the CPU
         self.chunk_seconds = chunk_seconds
-        self.chunk_delay = chunk_delay      # sleep between chunks: faster than real time, but not instant
+        # Sleep between chunks: far faster than real time by default (a 30 s clip is 15 chunks in about 0.1 s of
+        # sleeping), yet chunks still arrive as separate frames over time rather than in one burst.
+        self.chunk_delay = chunk_delay
         self.max_seconds = max_seconds      # stop streaming here even without STOP
         self.behaviour = behaviour          # one of MAGIC, applied to every session
         self.sessions: list[dict] = []      # {"path", "headers", "status", "messages", "sent_seconds", "closed"}
@@ -143,8 +149,9 @@ class FakeLyria:
         ws.send(json.dumps({"setupComplete": {}}))
         prompts: list[dict] = []
         playing = filtered = False
+        delay = self.chunk_delay
         while True:
-            msg = self._recv(ws, session, self.chunk_delay if playing else None)
+            msg = self._recv(ws, session, delay if playing else None)
             if msg is not None:
                 if not isinstance(msg, dict) or len(msg) != 1:
                     return self._close(ws, session, 1007, "Each message must be a JSON object with one key.")
@@ -156,6 +163,8 @@ class FakeLyria:
                         return self._close(ws, session, 1007, "Each prompt needs text and a non-zero weight.")
                     text = " ".join(p["text"] for p in prompts)
                     mode = self.behaviour or mode or next((m for m in MAGIC if m in text), None)
+                    pace = re.search(r"\[pace=([\d.]+)\]", text)
+                    delay = float(pace.group(1)) if pace else delay
                     if mode == "[filter]":
                         filtered = True
                         ws.send(json.dumps({"filteredPrompt": {

@@ -5,6 +5,8 @@ Behaviour is chosen by magic words in the last message (or the prompt):
   [usage=P,C]   report P prompt and C completion tokens (default 11 and the number of content chunks)
   [nousage]     never report usage          [chunks=N]  stream N content chunks (default 4)
   [delay=S]     sleep S seconds between stream chunks     [slow]  sleep 3 s before answering
+  [until=W]     stream a chunk every 0.1 s (or [delay=S]) until the test calls fake.release("W") (at most 600),
+                then finish as usual: a stream that stays live exactly as long as a test needs it
   [error400] [error401] [error429] [error500]  answer with that HTTP error
   [cut]         stream two chunks, then drop the connection without [DONE]
   [malformed]   stream one chunk, then a data line that is not JSON
@@ -26,6 +28,8 @@ Hostile upstreams (the block at the end of _Handler):
   [echo500-text]     a 500 whose body is plain text repeating the same
   [echo-midstream]   stream one chunk, then a data: {"error": ...} event repeating the same
   [retry-inf]   429 with Retry-After: inf
+  [hang]        read the request, then answer nothing until the client hangs up (at most 60 s): only the
+                gateway's own read timeout ends the call
   [huge-event=M]     stream M MiB of one event that never ends (no blank line), then hang up
   [crlf]        stream with CRLF line endings, each CR and LF written (and flushed) on its own
   [drip]        answer 200 with Content-Length 10000, then one body byte every 0.2 s (at most 60 s)
@@ -215,6 +219,9 @@ class _Handler(BaseHTTPRequestHandler):
         count = int(m.group(1)) if m else 4
         m = re.search(r"\[delay=([\d.]+)\]", text)
         delay = float(m.group(1)) if m else 0.0
+        until = re.search(r"\[until=([^\]]+)\]", text)
+        if until:
+            delay, count = delay or 0.1, 600
         self.send_response(200)
         self.send_header("Content-Type", "text/event-stream")
         self.send_header("Transfer-Encoding", "chunked")
@@ -227,6 +234,8 @@ class _Handler(BaseHTTPRequestHandler):
             if not legacy:
                 event(self._chunk(body, legacy, None, role=True))
             for i in range(count):
+                if until and until.group(1) in self.server.released:
+                    break
                 if delay:
                     time.sleep(delay)
                 chunk = self._chunk(body, legacy, f"tok{i} ")
@@ -286,6 +295,9 @@ class _Handler(BaseHTTPRequestHandler):
                 return True
         if "[echo500-text]" in text:
             self._raw(500, self._echo_text().encode(), "text/plain")
+            return True
+        if "[hang]" in text:
+            self._hang()
             return True
         if "[retry-inf]" in text:
             self._error(429, "Slow down.", "requests", None, {"Retry-After": "inf"})
@@ -360,6 +372,15 @@ class _Handler(BaseHTTPRequestHandler):
         self.send_header("Content-Type", content_type)
         self.send_header("Transfer-Encoding", "chunked")
         self.end_headers()
+
+    def _hang(self) -> None:
+        """Block until the client closes its end (recv then sees EOF) or 60 s pass; write nothing."""
+        self.close_connection = True
+        self.connection.settimeout(60)
+        try:
+            self.connection.recv(1)
+        except OSError:
+            pass
 
     def _drip(self, data: bytes) -> None:
         """Write data a byte every 0.2 s until it is gone or the reader hangs up."""

@@ -80,10 +80,13 @@ def test_a_crlf_stream_split_inside_every_line_ending_succeeds(gateway):
 
 @pytest.fixture(scope="module")
 def tight(request, gateway_config):
-    """A gateway whose 'fake' upstream has a 1.5 s deadline and a 1 MiB answer limit."""
+    """A gateway whose 'fake' upstream has a 1.5 s deadline and a 1 MiB answer limit, and whose model gpt-deadline
+    reaches the same fake through an upstream with a 0.5 s deadline (for drips, which only a deadline ends)."""
     from tests.gateway import Gateway
     tmp, cfg = gateway_config()
     cfg["upstreams"]["fake"].update(total_timeout_seconds=1.5, max_response_bytes=1 << 20)
+    cfg["upstreams"]["fake-deadline"] = {**cfg["upstreams"]["fake"], "total_timeout_seconds": 0.5}
+    cfg["models"]["gpt-deadline"] = {**cfg["models"]["gpt-test"], "upstream": "fake-deadline"}
     gw = Gateway(tmp, cfg).start()
     yield gw
     gw.stop()
@@ -94,11 +97,11 @@ def test_a_drip_ends_at_the_deadline_with_504(tight, word, stream):
     key_id, secret = tight.create_key("1")
     started = time.monotonic()
     r = _post(tight, secret, "chat/completions",
-              {"model": "gpt-test", "stream": stream, "messages": [{"role": "user", "content": f"hi {word}"}]})
+              {"model": "gpt-deadline", "stream": stream, "messages": [{"role": "user", "content": f"hi {word}"}]})
     elapsed = time.monotonic() - started
     assert r.status_code == 504, r.text
     assert r.json()["error"]["code"] == "upstream_timeout"
-    assert 1.4 < elapsed < 10  # the fake drips for 60 s; only the deadline ends it this soon
+    assert 0.45 < elapsed < 10  # the fake drips for 60 s; only the 0.5 s deadline ends it this soon
     assert_free(tight, key_id, NANO, 504)
 
 

@@ -72,18 +72,19 @@ def test_invalid_requests_are_400(gateway, key, body, param):
     assert r.json()["error"]["type"] == "invalid_request_error"
 
 
-@pytest.mark.parametrize("word,status,cls", [
-    ("[error400]", 400, openai.BadRequestError),
-    ("[error401]", 502, openai.InternalServerError),
-    ("[error429]", 429, openai.RateLimitError),
-    ("[error500]", 502, openai.InternalServerError),
-    ("[badjson]", 502, openai.InternalServerError),
-    ("[slow]", 504, openai.InternalServerError),
+@pytest.mark.parametrize("word,status,cls,model", [
+    ("[error400]", 400, openai.BadRequestError, "gpt-test"),
+    ("[error401]", 502, openai.InternalServerError, "gpt-test"),
+    ("[error429]", 429, openai.RateLimitError, "gpt-test"),
+    ("[error500]", 502, openai.InternalServerError, "gpt-test"),
+    ("[badjson]", 502, openai.InternalServerError, "gpt-test"),
+    # The fake never answers, so only the read timeout ends the call: gpt-short's upstream waits 0.5 s for it.
+    ("[hang]", 504, openai.InternalServerError, "gpt-short"),
 ])
-def test_upstream_errors_map_and_cost_nothing(gateway, word, status, cls):
+def test_upstream_errors_map_and_cost_nothing(gateway, word, status, cls, model):
     key_id, secret = gateway.create_key("1")
     with pytest.raises(cls) as exc:
-        gateway.client(secret).chat.completions.create(model="gpt-test",
+        gateway.client(secret).chat.completions.create(model=model,
                                                        messages=[{"role": "user", "content": word}])
     assert exc.value.status_code == status
     if status == 429:

@@ -9,6 +9,7 @@ import requests
 
 from tests.checks import music_error as error
 from tests.conftest import GEMINI_KEY
+from tests.inproc.conftest import InProcGateway
 
 PRICE_NANO = 1_000_000  # lyria-realtime-exp: per_second 0.001 credits in the test config
 def post(gw, secret: str, body: dict, timeout: float = 30) -> requests.Response:
@@ -22,7 +23,8 @@ def post(gw, secret: str, body: dict, timeout: float = 30) -> requests.Response:
 @pytest.mark.parametrize("body, status, code, words", [
     ({"prompt": "noise [filter]"}, 400, "content_policy_violation", "filtered for safety"),
     ({"prompt": "rock [close1011]"}, 502, "upstream_error", "1011"),
-    ({"prompt": "ambient [stall]"}, 504, "upstream_timeout", "in time"),
+    # The two the fake never completes run on the lyria-short upstream, whose idle timeout is 0.5 s instead of 3.
+    ({"prompt": "ambient [stall]", "model": "lyria-short"}, 504, "upstream_timeout", "in time"),
     ({"prompt": "ambient", "model": "lyria-nosetup"}, 504, "upstream_timeout", "setup"),
 ], ids=["filter", "close1011", "stall", "nosetup"])
 def test_upstream_failures_map_and_cost_nothing(gateway, key, body, status, code, words):
@@ -31,7 +33,8 @@ def test_upstream_failures_map_and_cost_nothing(gateway, key, body, status, code
     start = time.monotonic()
     err = error(post(gateway, secret, {**body, "duration_seconds": 4}), status, code)
     assert words in err["message"]
-    assert time.monotonic() - start < 8  # idle timeout 3 s in the test config
+    # The idle timeout (3 s, or 0.5 s on lyria-short) ends it, not the 13 s (10.5 s) deadline of a 4 s clip.
+    assert time.monotonic() - start < 8
     assert gateway.balance(key_id) == before and gateway.open_holds(key_id) == 0
     (row,) = gateway.usage(key_id)
     assert (row["status"], row["cost"]) == (status, 0)
@@ -59,6 +62,19 @@ def test_bad_fields_are_400_naming_the_field(gateway, key, body, param):
 
 def test_unknown_model_is_404(gateway, key):
     error(post(gateway, key[1], {"prompt": "a", "model": "lyria-nope"}), 404, "model_not_found")
+
+
+def test_missing_upstream_key_is_502_naming_the_variable(gateway_config, upstream_keys, fake_lyria):
+    """Its own app (create_app is cheap in process) whose Lyria upstream reads the unset TEST_MISSING_KEY."""
+    tmp, cfg = gateway_config()
+    cfg["upstreams"]["lyria"]["api_key_env"] = "TEST_MISSING_KEY"
+    gw = InProcGateway(tmp, cfg)
+    key_id, secret = gw.create_key("10")
+    sessions = len(fake_lyria.sessions)
+    err = error(post(gw, secret, {"prompt": "a", "duration_seconds": 4}), 502, "upstream_error")
+    assert "TEST_MISSING_KEY" in err["message"]
+    assert gw.balance(key_id) == 10 * 10**9 and gw.usage(key_id) == []
+    assert len(fake_lyria.sessions) == sessions
 
 
 def test_cannot_afford_is_402_before_any_upstream_call(gateway, fake_lyria):

@@ -349,7 +349,7 @@ def test_unknown_model_is_model_not_found(fake, upstream):
 
 
 def test_slow_upstream_is_timeout(fake, upstream):
-    slow = UpstreamConfig(**{**upstream.__dict__, "timeout_seconds": 1})
+    slow = UpstreamConfig(**{**upstream.__dict__, "timeout_seconds": 0.3})  # the fake waits 3 s: always too long
     _, [failure] = gemini.generate_images(slow, model(), "[slow]", 1, "auto")
     assert type(failure) is UpstreamTimeoutError and failure.status == 504
 
@@ -379,7 +379,7 @@ def test_bad_size_and_n_raise_before_any_call(fake, upstream):
 
 
 def test_calls_overlap_when_gevent_patches_sockets():
-    """As under the gunicorn gevent worker: four 1 s calls take about 1 s, not 4 s."""
+    """As under the gunicorn gevent worker: four 0.5 s calls take about 0.5 s, not 2 s."""
     script = textwrap.dedent(f"""
         from gevent import monkey; monkey.patch_all()
         import os, time
@@ -387,7 +387,7 @@ def test_calls_overlap_when_gevent_patches_sockets():
         from providers import gemini
         from tests.fake_gemini import FakeGemini
         os.environ["TEST_GEMINI_KEY"] = {KEY!r}
-        with FakeGemini({KEY!r}, slow_seconds=1.0) as fake:
+        with FakeGemini({KEY!r}, slow_seconds=0.5) as fake:
             up = UpstreamConfig(name="gemini", kind="gemini", base_url=fake.base_url, api_key_env="TEST_GEMINI_KEY")
             m = ModelConfig(id="m", upstream="gemini", upstream_model="gemini-2.5-flash-image", mode="image")
             start = time.monotonic()
@@ -399,4 +399,4 @@ def test_calls_overlap_when_gevent_patches_sockets():
     assert done.returncode == 0, done.stderr
     count, failed, seconds = done.stdout.split()
     assert (count, failed) == ("4", "0")
-    assert float(seconds) < 2.5
+    assert float(seconds) < 1.5  # one after the other they would take 2 s

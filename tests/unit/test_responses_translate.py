@@ -516,7 +516,7 @@ def canned() -> Iterator[Any]:
     server = ThreadingHTTPServer(("127.0.0.1", 0), _Canned)
     server.daemon_threads = True
     server.bodies = []  # type: ignore[attr-defined]
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread = threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True)  # shutdown() waits a poll
     thread.start()
     yield server
     server.shutdown()
