@@ -10,6 +10,7 @@ import json
 import math
 import os
 import re
+import socket
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -169,11 +170,44 @@ class _OneWrite:
                 self._held = bytes(data)
                 return
             data, self._holding, self._held = self._held + bytes(data), False, None
+            if self._plain_socket and self.sock is not None:
+                send_all(self.sock, data)
+                return
         super().send(data)
+
+    _plain_socket = False
+
+
+def send_all(sock: socket.socket, data: bytes) -> None:
+    """sock.sendall(data) for a plain (not TLS) socket, without what gevent's sendall adds to every call.
+
+    gevent's sendall asks the kernel for SO_SNDBUF (a getsockopt syscall) and reads the clock before its first
+    send, for each of a request's two writes (upstream and client); send() already waits while the buffer is
+    full and honours the socket's timeout, so a loop over it sends the same bytes.
+    """
+    view = memoryview(data)
+    while view:
+        view = view[sock.send(view):]
 
 
 class _Connection(_OneWrite, urllib3.connection.HTTPConnection):
-    pass
+    _plain_socket = True
+
+    @property
+    def is_connected(self) -> bool:
+        """urllib3's check of a pooled connection before reuse (readable = closed by the upstream, or stray
+        bytes: not reusable), as one non-blocking peek instead of a gevent poll object and its watcher."""
+        sock = self.sock
+        raw = getattr(sock, "_sock", None)  # the OS socket under gevent's; absent without gevent
+        if raw is None:
+            return super().is_connected
+        try:
+            raw.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT)
+        except BlockingIOError:
+            return True  # nothing to read: the connection is open and idle
+        except OSError:
+            return False  # reset: gone
+        return False  # EOF, or bytes nobody asked for
 
 
 class _TLSConnection(_OneWrite, urllib3.connection.HTTPSConnection):
