@@ -180,6 +180,21 @@ def _tune_gc():
     gc.set_threshold(50_000, 20, 100)
 
 
+def _tune_logging():
+    """Per-record work no log line of the worker prints, skipped (the logging module's documented switches).
+
+    Every record otherwise walks the stack for its caller's file and line, and looks up its thread and
+    multiprocessing names; neither the gateway's format nor gunicorn's uses them, and the request log line is
+    written once per request. About 8 us of a line's 19 us (a loop of the request line's shape to /dev/null).
+    %(process)d is in gunicorn's format, so process ids stay.
+    """
+    import logging
+
+    logging._srcfile = None
+    logging.logThreads = False
+    logging.logMultiprocessing = False
+
+
 def post_worker_init(worker):
     """Return the holds of processes that are gone. Only here, at a worker's start: `flask ...` commands and a bare
     `import app` must never release anything, since the holds they would see belong to live workers."""
@@ -190,6 +205,7 @@ def post_worker_init(worker):
     import retention
 
     _tune_gc()
+    _tune_logging()
     log = logging.getLogger("gateway")
     server_cfg = worker.wsgi.config["GATEWAY"].server
     retention.start(server_cfg.database, server_cfg.usage_retention_days)  # policy hook: usage retention
