@@ -219,3 +219,52 @@ def test_long_stream_without_usage_is_charged_its_exact_count(gateway, count_tok
     row = gateway.usage(key_id)[0]
     assert row["estimated"] == 1 and row["status"] == 200
     assert row["completion_tokens"] == count_tokens(delivered)
+
+
+def _exchange(port: int, request: bytes, half_close: bool = False) -> tuple[list[bytes], bytes]:
+    """One request on a raw socket; the answer's head lines and its body (read to its Content-Length)."""
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
+        s.sendall(request)
+        if half_close:
+            s.shutdown(socket.SHUT_WR)
+        data = b""
+        while b"\r\n\r\n" not in data or len(data.partition(b"\r\n\r\n")[2]) < _content_length(data):
+            chunk = s.recv(65536)
+            if not chunk:
+                break
+            data += chunk
+    head, _, body = data.partition(b"\r\n\r\n")
+    return head.split(b"\r\n"), body
+
+
+def test_answer_head_keeps_gunicorns_default_headers(gateway, key):
+    """gunicorn.conf.py builds the status line and default headers itself (a Date line cached per second)."""
+    import email.utils
+    import time
+
+    body = json.dumps({"model": "gpt-test", "messages": [{"role": "user", "content": "hi"}]}).encode()
+    request = (f"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {key[1]}\r\n"
+               f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n").encode() + body
+    for _ in range(2):  # the second answer may reuse the first one's Date line
+        before = time.time()
+        lines, answer = _exchange(gateway.port, request)
+        after = time.time()
+        headers = {k.lower(): v.strip() for k, _, v in (line.decode().partition(":") for line in lines[1:])}
+        assert lines[0] == b"HTTP/1.1 200 OK"
+        assert headers["server"].startswith("gunicorn")
+        assert headers["connection"] == "keep-alive"
+        date = email.utils.parsedate_to_datetime(headers["date"]).timestamp()
+        assert int(before) <= date <= after and headers["date"].endswith(" GMT")
+        assert "transfer-encoding" not in headers and json.loads(answer)["object"] == "chat.completion"
+
+
+def test_a_body_cut_short_is_a_400_and_no_hold(gateway):
+    """The client hangs up after half of its declared body: refused before any credit moves."""
+    key_id, secret = gateway.create_key("1")
+    body = json.dumps({"model": "gpt-test", "messages": [{"role": "user", "content": "hi"}]}).encode()
+    request = (f"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {secret}\r\n"
+               f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n").encode() + body[:20]
+    lines, answer = _exchange(gateway.port, request, half_close=True)
+    assert lines[0].startswith(b"HTTP/1.1 400"), lines  # the client only half-closed: it can still read
+    assert json.loads(answer)["error"]["code"] == "invalid_body"
+    assert gateway.balance(key_id) == NANO and gateway.usage(key_id) == [] and gateway.open_holds(key_id) == 0

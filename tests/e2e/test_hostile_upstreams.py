@@ -117,3 +117,61 @@ def test_an_oversized_answer_is_a_502(tight, word):
     ok = tight.client(secret).chat.completions.create(model="gpt-test",
                                                       messages=[{"role": "user", "content": "hello"}])
     assert ok.choices[0].message.content == "Hello from the fake upstream!"
+
+
+class _ClosingUpstream:
+    """An OpenAI-shaped upstream on a raw socket that answers keep-alive (HTTP/1.1, Content-Length) and then
+    closes each connection 50 ms later, as upstreams do with idle ones: a pooled connection it dropped must be
+    noticed before reuse (providers/http.py's peek), not sent a request and turned into a 502."""
+
+    ANSWER = {"id": "chatcmpl-1", "object": "chat.completion", "created": 1, "model": "gpt-4.1-mini",
+              "choices": [{"index": 0, "message": {"role": "assistant", "content": "hi"}, "finish_reason": "stop"}],
+              "usage": {"prompt_tokens": 10, "completion_tokens": 5, "total_tokens": 15}}
+
+    def __init__(self) -> None:
+        import socket
+        self.sock = socket.create_server(("127.0.0.1", 0))
+        self.port = self.sock.getsockname()[1]
+        self.accepted = 0
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self) -> None:
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            self.accepted += 1
+            with conn:
+                data = b""
+                while b"\r\n\r\n" not in data:
+                    data += conn.recv(65536)
+                head, _, body = data.partition(b"\r\n\r\n")
+                length = next(int(line.split(b":")[1]) for line in head.split(b"\r\n")
+                              if line.lower().startswith(b"content-length:"))
+                while len(body) < length:
+                    body += conn.recv(65536)
+                out = json.dumps(self.ANSWER).encode()
+                conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nConnection: keep-alive\r\n"
+                             b"Content-Length: %d\r\n\r\n%s" % (len(out), out))
+                time.sleep(0.05)
+
+
+def test_a_pooled_connection_the_upstream_closed_is_replaced(make_gateway):
+    upstream = _ClosingUpstream()
+    try:
+        gw = make_gateway(lambda cfg: cfg["upstreams"]["fake"].update(
+            base_url=f"http://127.0.0.1:{upstream.port}/v1"))
+        key_id, secret = gw.create_key("1")
+        for _ in range(3):
+            r = _post(gw, secret, "chat/completions", {"model": "gpt-test",
+                                                       "messages": [{"role": "user", "content": "hi"}]})
+            assert r.status_code == 200, r.text
+            time.sleep(0.3)  # the upstream has closed the pooled connection by now
+        assert upstream.accepted == 3
+        rows = gw.usage(key_id)
+        assert [(row["status"], row["prompt_tokens"], row["completion_tokens"]) for row in rows] == [(200, 10, 5)] * 3
+        # 10 prompt and 5 completion tokens at 0.40 and 1.60 credits per million: 12,000 nano-credits a call
+        assert gw.balance(key_id) == NANO - 3 * 12_000 and gw.open_holds(key_id) == 0
+    finally:
+        upstream.sock.close()
