@@ -12,8 +12,7 @@ import requests
 
 import billing
 import tokens
-from tests.conftest import UPSTREAM_KEY
-from tests.fake_openai import REPLY, FakeOpenAI
+from tests.fake_openai import REPLY
 from tests.gateway import Gateway
 
 NANO = 10**9
@@ -222,62 +221,43 @@ def test_a_settlement_that_keeps_failing_returns_the_hold(gateway):
     assert gateway.flask("audit").returncode == 0
 
 
-class _GatedStream(FakeOpenAI.handler):
-    """The fake's stream, each event held back until the server's gate opens or 0.25 s pass: a stream that lasts
-    exactly as long as the test needs it, without a fixed length chosen for the slowest machine."""
-
-    def _write(self, data: bytes) -> None:
-        self.server.gate.wait(0.25)  # well inside the gateway's 2 s read timeout
-        super()._write(data)
-
-
-class GatedOpenAI(FakeOpenAI):
-    handler = _GatedStream
-
-    def __init__(self, key: str) -> None:
-        super().__init__(key)
-        self.server.gate = threading.Event()
-
-
 @pytest.mark.long(seconds=6)
-def test_cli_commands_and_other_workers_never_release_a_live_stream(make_gateway):
+def test_cli_commands_and_other_workers_never_release_a_live_stream(make_gateway, fake_openai):
     """hold_ttl_seconds is 2; the stream lasts until the test is done: `keys list`, `audit` and a second gateway
     starting on the same database run meanwhile, after the hold is older than the ttl. The stream is charged in
     full afterwards."""
-    with GatedOpenAI(UPSTREAM_KEY) as upstream:
-        def short_ttl(cfg: dict) -> None:
-            cfg["server"]["hold_ttl_seconds"] = 2
-            cfg["upstreams"]["fake"]["base_url"] = upstream.base_url
-            for upstream_cfg in cfg["upstreams"].values():  # the ttl may not be shorter than any upstream timeout
-                upstream_cfg["timeout_seconds"] = min(upstream_cfg.get("timeout_seconds", 2), 2)
-        gw = make_gateway(short_ttl)
-        key_id, secret = gw.create_key("1")
-        result: dict = {}
+    def short_ttl(cfg: dict) -> None:
+        cfg["server"]["hold_ttl_seconds"] = 2
+        for upstream_cfg in cfg["upstreams"].values():  # the ttl may not be shorter than any upstream timeout
+            upstream_cfg["timeout_seconds"] = min(upstream_cfg.get("timeout_seconds", 2), 2)
+    gw = make_gateway(short_ttl)
+    key_id, secret = gw.create_key("1")
+    result: dict = {}
 
-        def stream() -> None:
-            # 400 events at 0.25 s would take 100 s: the gate, opened below, ends it long before
-            result["r"] = post(gw, secret, {"model": "gpt-test", "stream": True, "max_tokens": 100,
-                                            "messages": [{"role": "user", "content": "x [usage=100,50] [chunks=400]"}]})
+    def stream() -> None:
+        # the fake streams an event every 0.1 s until the test releases it below
+        result["r"] = post(gw, secret, {"model": "gpt-test", "stream": True, "max_tokens": 100, "messages": [
+            {"role": "user", "content": "x [usage=100,50] [until=money-live-stream]"}]})
 
-        t = threading.Thread(target=stream)
-        t.start()
-        try:
-            deadline = time.monotonic() + 10
-            while gw.open_holds(key_id) != 1 and time.monotonic() < deadline:
-                time.sleep(0.05)
-            held = NANO - gw.balance(key_id)
-            time.sleep(2.2)  # the hold is now older than hold_ttl_seconds
-            assert gw.flask("keys", "list").returncode == 0
-            audit = gw.flask("audit")
-            assert audit.returncode == 0, audit.stdout + audit.stderr  # the books balance; the old hold is reported
-            assert "older than hold_ttl_seconds (2)" in audit.stdout and f"of key {key_id} " in audit.stdout
-            other = Gateway(gw.tmp, gw.cfg).start()  # its worker start sweeps orphans: this hold's owner is alive
-            other.stop()
-            assert t.is_alive(), "the stream ended before the test was done with it"
-            assert gw.open_holds(key_id) == 1 and gw.balance(key_id) == NANO - held > 0
-        finally:
-            upstream.server.gate.set()
-            t.join(timeout=60)
+    t = threading.Thread(target=stream)
+    t.start()
+    try:
+        deadline = time.monotonic() + 10
+        while gw.open_holds(key_id) != 1 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        held = NANO - gw.balance(key_id)
+        time.sleep(2.2)  # the hold is now older than hold_ttl_seconds
+        assert gw.flask("keys", "list").returncode == 0
+        audit = gw.flask("audit")
+        assert audit.returncode == 0, audit.stdout + audit.stderr  # the books balance; the old hold is reported
+        assert "older than hold_ttl_seconds (2)" in audit.stdout and f"of key {key_id} " in audit.stdout
+        other = Gateway(gw.tmp, gw.cfg).start()  # its worker start sweeps orphans: this hold's owner is alive
+        other.stop()
+        assert t.is_alive(), "the stream ended before the test was done with it"
+        assert gw.open_holds(key_id) == 1 and gw.balance(key_id) == NANO - held > 0
+    finally:
+        fake_openai.release("money-live-stream")
+        t.join(timeout=60)
     assert result["r"].text.rstrip().endswith("data: [DONE]")
     [row] = gw.usage(key_id)
     assert (row["status"], row["cost"], row["estimated"]) == (200, cost(100, 50), 0)
