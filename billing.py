@@ -589,7 +589,7 @@ class Ticket:
         self.hold = hold(self.cfg.server.database, self.key.id, self.request_id, planner,
                          policies.cap_room(self.key))  # policy hook: spending caps (402)
         self.held_at = time.monotonic()
-        metrics.HOLDS.inc()  # metrics hook
+        metrics.hold_taken()  # metrics hook
         return self.hold
 
     def hold_tokens(self, model: ModelConfig, estimate: int, exact: Callable[[], int], mult: int,
@@ -667,7 +667,7 @@ class Ticket:
 
         if not any(c.request_id == self.request_id for c in self.charges):
             self.add(0, status)
-        metrics.HOLDS.dec()  # metrics hook: settled, released or left open, it is no longer in flight here
+        metrics.hold_ended()  # metrics hook: settled, released or left open, it is no longer in flight here
         database = self.cfg.server.database
         for attempt in range(SETTLE_ATTEMPTS):
             try:
