@@ -61,6 +61,7 @@ FLUSH_SECONDS = 1.0
 _adds: dict[Any, float] = {}
 _observed: dict[Any, list] = {}
 _flushing: list[bool] = [False]  # whether this process's flusher greenlet runs (reset in a forked child)
+_hooks: list[bool] = [False]
 
 
 def _child(metric: Any, *labels: str) -> Any:
@@ -96,12 +97,14 @@ def _forked() -> None:
     _flushing[0] = False
 
 
-os.register_at_fork(after_in_child=_forked)
-
-
 def _start_flusher() -> None:
+    """At this process's first record, not at import (importing the app has no side effects)."""
     import gevent  # here: billing (so this module) is imported in gunicorn's master before gevent patches
 
+    if not _hooks[0]:  # both are inherited by forked children: once per process tree is enough
+        _hooks[0] = True
+        os.register_at_fork(after_in_child=_forked)
+        atexit.register(flush)
     _flushing[0] = True
 
     def loop() -> None:
@@ -147,8 +150,6 @@ def record_settlement(route: str, model: str, seconds: float, prompt: int, compl
     if nano:
         _add(_child(CREDITS, model or "-"), nano)
 
-
-atexit.register(flush)
 
 
 def scrape() -> bytes:
