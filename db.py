@@ -221,13 +221,17 @@ def _locked(exc: sqlite3.OperationalError) -> bool:
     return "locked" in str(exc) or "busy" in str(exc)
 
 
-def write(path: str, work: Callable[[sqlite3.Connection], T]) -> T:
+def write(path: str, work: Callable[[sqlite3.Connection], T], gather: bool = True) -> T:
     """Run work(conn) atomically and durably (as SQLite's WAL counts durable), and return what it returned.
 
     Group commit: writes that arrive while one is being gathered share one BEGIN IMMEDIATE ... COMMIT, each in
     its own SAVEPOINT, so one that raises is undone alone; every caller returns only after the COMMIT that
     holds its work. A commit writes every page it touched to the WAL, and at 16 connections this turns about
     two commits per request into a fraction of one.
+
+    gather=False skips the yield that lets ready greenlets join: for a caller that knows no other request of
+    this worker is in flight (billing at one connection), where the yield was a trip round the event loop
+    that nothing could join.
 
     work must not yield to the event loop (no network, no gevent calls): other greenlets share the connection.
     """
@@ -237,7 +241,8 @@ def write(path: str, work: Callable[[sqlite3.Connection], T]) -> T:
         pending.append((work, done))
         return done.get()
     _pending[path] = [(work, done)]
-    gevent.sleep(0)  # lead the batch: greenlets that are ready now run, and their writes join it
+    if gather:
+        gevent.sleep(0)  # lead the batch: greenlets that are ready now run, and their writes join it
     with _locks.setdefault(path, Semaphore()):  # one transaction at a time on the shared connection
         _run(path, _pending.pop(path))
     return done.get()  # already set: returns at once

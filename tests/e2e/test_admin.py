@@ -11,6 +11,7 @@ import requests
 
 import db
 import keys
+import metrics
 import policies
 from tests.gateway import Gateway
 
@@ -335,6 +336,16 @@ def test_metrics_scrape_across_two_workers(make_gateway):
     assert chunks
     with pytest.raises(openai.NotFoundError):
         chat(gw, secret, "no-such-model")
+    # Each worker writes its counts at most metrics.FLUSH_SECONDS after recording them (the scraping worker at
+    # once): wait, within a bound, until every worker's have arrived, then every scrape must show all of them.
+    deadline = time.monotonic() + 10 * metrics.FLUSH_SECONDS
+    while time.monotonic() < deadline:
+        text = requests.get(f"{gw.url}/metrics", headers=ADMIN, timeout=10).text
+        if (_sample(text, "gateway_requests_total", route="chat.completions", model="gpt-test", status="200") == 7
+                and _sample(text, "gateway_upstream_latency_seconds_count", model="gpt-test") == 7
+                and _sample(text, "gateway_holds_in_flight") == 0):
+            break
+        time.sleep(0.1)
     text = ""
     for _ in range(4):  # any worker answers with every worker's counts
         r = requests.get(f"{gw.url}/metrics", headers=ADMIN, timeout=10)
@@ -344,7 +355,12 @@ def test_metrics_scrape_across_two_workers(make_gateway):
     assert _sample(text, "gateway_requests_total", route="chat.completions", status="404") == 1
     for i in range(3):  # unknown URLs share one label value
         requests.get(f"{gw.url}/random-{i}", headers={"Authorization": f"Bearer {secret}"}, timeout=10)
-    text = requests.get(f"{gw.url}/metrics", headers=ADMIN, timeout=10).text
+    deadline = time.monotonic() + 10 * metrics.FLUSH_SECONDS  # as above: until the other worker's counts arrive
+    while time.monotonic() < deadline:
+        text = requests.get(f"{gw.url}/metrics", headers=ADMIN, timeout=10).text
+        if _sample(text, "gateway_requests_total", route="unmatched", status="404") == 3:
+            break
+        time.sleep(0.1)
     assert "random-" not in text
     assert _sample(text, "gateway_requests_total", route="unmatched", status="404") == 3
     charged = 5 * 10**9 - gw.balance(key_id)

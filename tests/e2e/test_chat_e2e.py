@@ -153,6 +153,15 @@ def test_revoked_key_is_401(gateway):
         gateway.client(secret).models.list()
 
 
+def test_key_revoked_after_use_is_401_on_its_next_request(gateway):
+    # The worker caches the key it looked up; the CLI's revocation must still apply to the very next request.
+    key_id, secret = gateway.create_key("1")
+    assert [m.id for m in gateway.client(secret).models.list()]
+    assert gateway.flask("keys", "revoke", str(key_id)).returncode == 0
+    with pytest.raises(openai.AuthenticationError):
+        gateway.client(secret).models.list()
+
+
 def test_bad_json_route_method_and_size(gateway, key):
     auth = {"Authorization": f"Bearer {key[1]}", "Content-Type": "application/json"}
     r = requests.post(f"{gateway.base_url}/chat/completions", headers=auth, data=b"{not json")

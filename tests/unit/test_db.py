@@ -50,3 +50,23 @@ def test_a_lone_write_that_raises_leaves_nothing(tmp_path):
     with pytest.raises(ValueError):
         db.write(path, work)
     assert db.write(path, lambda conn: conn.execute("SELECT balance FROM api_keys").fetchone()[0]) == 100
+
+
+def test_writes_that_do_not_gather_are_still_each_atomic_and_all_applied(tmp_path):
+    # gather=False (billing with no other request in flight) skips the yield, not the transaction or the lock.
+    path = str(tmp_path / "t.db")
+    with db.cli_connection(path) as conn:
+        key_id, _ = keys.create(conn, "x", 100)
+
+    def take(amount: int, gather: bool) -> int:
+        def work(conn):
+            assert conn.in_transaction
+            conn.execute("UPDATE api_keys SET balance = balance - ? WHERE id = ?", (amount, key_id))
+            return conn.execute("SELECT balance FROM api_keys WHERE id = ?", (key_id,)).fetchone()[0]
+        return db.write(path, work, gather=gather)
+
+    greenlets = [gevent.spawn(take, 10, i % 2 == 0) for i in range(6)]
+    gevent.joinall(greenlets)
+    assert sorted(g.value for g in greenlets) == [40, 50, 60, 70, 80, 90]
+    assert db.write(path, lambda conn: conn.execute("SELECT balance FROM api_keys").fetchone()[0],
+                    gather=False) == 40
