@@ -1,10 +1,16 @@
 """End-to-end fixtures: the gateway as a real gunicorn + gevent server (tests.gateway.Gateway)."""
 from __future__ import annotations
 
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
 import pytest
 
 import db
-from tests.gateway import LIVE, LOG_TAIL, Gateway
+from tests.gateway import LIVE, LOG_TAIL, Gateway, reap_stopped
+
+FENCE_SITE = str(Path(__file__).resolve().parents[1] / "netguard_site")
 
 
 @pytest.hookimpl(tryfirst=True)
@@ -32,29 +38,51 @@ _OFFSETS = pytest.StashKey[dict]()
 
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _reap_gateways() -> Iterator[None]:
+    """Gateways stopped without waiting (fixture teardowns) are collected once, when the session ends."""
+    yield
+    reap_stopped()
+
+
 @pytest.fixture(scope="session")
-def gateway(gateway_config):
+def fence_log(tmp_path_factory) -> Path:
+    """Where the fenced gateways note any connect to an address off this machine (none may; tests that fetch
+    URLs, such as tests/e2e/test_vision_e2e.py, assert the file stays empty)."""
+    return tmp_path_factory.mktemp("fence") / "off-box.log"
+
+
+def fence_env(log: Path) -> dict[str, str]:
+    """Test harness for the gateway subprocess: tests/netguard_site makes every off-box connect fail and log."""
+    path = os.pathsep.join(p for p in (FENCE_SITE, os.environ.get("PYTHONPATH", "")) if p)
+    return {"PYTHONPATH": path, "NETGUARD_LOG": str(log)}
+
+
+@pytest.fixture(scope="session")
+def gateway(gateway_config, fence_log):
+    """The shared gateway: behind the test fence, admin API and /metrics off (no admin token)."""
     tmp, cfg = gateway_config()
-    gw = Gateway(tmp, cfg).start()
+    gw = Gateway(tmp, cfg, env={**fence_env(fence_log), "GATEWAY_ADMIN_TOKEN": ""}).start()
     yield gw
-    gw.stop()
+    gw.stop(wait=False)
 
 
 @pytest.fixture
-def make_gateway(gateway_config):
-    """Start extra gateways with changed config: make_gateway(lambda cfg: ..., workers=1, env=None)."""
+def make_gateway(gateway_config, fence_log):
+    """Start extra gateways with changed config: make_gateway(lambda cfg: ..., workers=1, env=None). Each is
+    behind the test fence, as the shared one is."""
     started: list[Gateway] = []
 
     def make(change=None, workers: int = 1, env: dict[str, str] | None = None) -> Gateway:
         tmp, cfg = gateway_config()
         if change:
             change(cfg)
-        gw = Gateway(tmp, cfg, workers, env).start()
+        gw = Gateway(tmp, cfg, workers, {**fence_env(fence_log), **(env or {})}).start()
         started.append(gw)
         return gw
     yield make
     for gw in started:
-        gw.stop()
+        gw.stop(wait=False)
 
 
 @pytest.fixture
