@@ -92,7 +92,7 @@ def big_models(gateway_config):
     _with_big_models(cfg)
     gw = Gateway(tmp, cfg).start()
     yield gw
-    gw.stop()
+    gw.stop(wait=False)
 
 
 @pytest.mark.parametrize("model,credits,count", [("big", "0.5", 5), ("big-mini", "1", 50)])

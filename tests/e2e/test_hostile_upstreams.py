@@ -86,7 +86,7 @@ def tight(request, gateway_config):
     cfg["upstreams"]["fake"].update(total_timeout_seconds=1.5, max_response_bytes=1 << 20)
     gw = Gateway(tmp, cfg).start()
     yield gw
-    gw.stop()
+    gw.stop(wait=False)
 
 
 @pytest.mark.parametrize("word, stream", [("[drip]", False), ("[drip-headers]", False), ("[drip-headers]", True)])

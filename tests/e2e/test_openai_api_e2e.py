@@ -54,7 +54,7 @@ def gw(gateway_config, fakes):
     })
     gateway = Gateway(tmp, cfg).start()
     yield gateway
-    gateway.stop()
+    gateway.stop(wait=False)
 
 
 def books(gw: Gateway, key_id: int) -> tuple[int, list, list, int]:
