@@ -70,16 +70,17 @@ def gateway(gateway_config, fence_log):
 @pytest.fixture
 def make_gateway(gateway_config, fence_log):
     """Start extra gateways with changed config: make_gateway(lambda cfg: ..., workers=1, env=None). Each is
-    behind the test fence, as the shared one is."""
+    behind the test fence, as the shared one is. start=False gives it unstarted (its config written, no database
+    yet), for a test that prepares the database before the first start."""
     started: list[Gateway] = []
 
-    def make(change=None, workers: int = 1, env: dict[str, str] | None = None) -> Gateway:
+    def make(change=None, workers: int = 1, env: dict[str, str] | None = None, start: bool = True) -> Gateway:
         tmp, cfg = gateway_config()
         if change:
             change(cfg)
-        gw = Gateway(tmp, cfg, workers, {**fence_env(fence_log), **(env or {})}).start()
+        gw = Gateway(tmp, cfg, workers, {**fence_env(fence_log), **(env or {})})
         started.append(gw)
-        return gw
+        return gw.start() if start else gw
     yield make
     for gw in started:
         gw.stop(wait=False)

@@ -401,9 +401,8 @@ def test_retention_deletes_old_usage_in_batches_and_keeps_the_books(make_gateway
         conn.close()
         return key_id
 
-    # The gateway's database is only known once its config is made: seed it through a first, stopped start.
-    gw = make_gateway(change, env={"GATEWAY_ADMIN_TOKEN": TOKEN})
-    gw.stop()
+    # Seeded before the gateway's first start, as an old deployment's database would be.
+    gw = make_gateway(change, env={"GATEWAY_ADMIN_TOKEN": TOKEN}, start=False)
     key_id = seed(gw.db_path)
     _, secret = gw.create_key("5")
     gw.start()
