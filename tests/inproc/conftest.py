@@ -142,7 +142,9 @@ def make_gateway(gateway_config, upstream_keys, monkeypatch):
                 change(cfg)
             gw = InProcGateway(tmp, cfg)
             stack.enter_context(_logging_to(gw.log_path))
+            make.made.append(gw)
             return gw
+        make.made = []  # for the failure report
         yield make
 
 
@@ -160,17 +162,23 @@ def pytest_runtest_call(item: pytest.Item) -> None:  # fixtures are set up by no
 
 @pytest.hookimpl(hookwrapper=True)
 def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo):
-    """A failing test's report carries what the app logged during it (a 500's traceback is logged, not raised)."""
+    """A failing test's report carries what the app logged during it (a 500's traceback is logged, not raised):
+    the shared app's lines since the test began, and the whole log of each app it made with make_gateway."""
     outcome = yield
     report = outcome.get_result()
-    gw = _live(item)
-    if report.when != "call" or not report.failed or gw is None or not gw.log_path.exists():
+    if report.when != "call" or not report.failed:
         return
-    with open(gw.log_path, "rb") as f:
-        f.seek(item.stash.get(_OFFSET, 0))
-        text = f.read().decode(errors="replace")
-    if text.strip():
-        report.sections.append(("gateway log (in process, during this test)", text[-6000:]))
+    shared = _live(item)
+    logs = [(shared, item.stash.get(_OFFSET, 0))] if shared else []
+    logs += [(gw, 0) for gw in getattr(getattr(item, "funcargs", {}).get("make_gateway"), "made", [])]
+    for gw, offset in logs:
+        if not gw.log_path.exists():
+            continue
+        with open(gw.log_path, "rb") as f:
+            f.seek(offset)
+            text = f.read().decode(errors="replace")
+        if text.strip():
+            report.sections.append((f"gateway log (in process, {gw.tmp.name}, during this test)", text[-6000:]))
 
 
 def _live(item: pytest.Item) -> InProcGateway | None:
