@@ -58,10 +58,19 @@ def fence_env(log: Path) -> dict[str, str]:
     return {"PYTHONPATH": path, "NETGUARD_LOG": str(log)}
 
 
+# Models priced and sized like gpt-4.1 and gpt-4.1-mini (32,768 output tokens), on the shared gateway for
+# tests/e2e/test_holds.py: other tests use their own models, so these change nothing for them and cost no start-up.
+BIG_MODELS = {
+    "big": {"upstream": "fake", "input_price": 2, "output_price": 8, "max_output_tokens": 32768},
+    "big-mini": {"upstream": "fake", "input_price": 0.4, "output_price": 1.6, "max_output_tokens": 32768},
+}
+
+
 @pytest.fixture(scope="session")
 def gateway(gateway_config, fence_log):
-    """The shared gateway: behind the test fence, admin API and /metrics off (no admin token)."""
+    """The shared gateway: behind the test fence, admin API and /metrics off (no admin token), the big models."""
     tmp, cfg = gateway_config()
+    cfg["models"].update(BIG_MODELS)
     gw = Gateway(tmp, cfg, env={**fence_env(fence_log), "GATEWAY_ADMIN_TOKEN": ""}).start()
     yield gw
     gw.stop(wait=False)
