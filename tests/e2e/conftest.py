@@ -8,8 +8,12 @@ from pathlib import Path
 import pytest
 
 import db
+from tests.conftest import Raw
+from tests.e2e.fake_media import FakeMedia
+from tests.fake_responses import FakeResponses
 from tests.gateway import LIVE, LOG_TAIL, Gateway, reap_stopped
 
+API_ORIGIN = "https://app.example.com"  # the origin openai_api_gateway allows (CORS)
 FENCE_SITE = str(Path(__file__).resolve().parents[1] / "netguard_site")
 
 
@@ -93,6 +97,43 @@ def make_gateway(gateway_config, fence_log):
     yield make
     for gw in started:
         gw.stop(wait=False)
+
+
+@pytest.fixture(scope="session")
+def openai_api_fakes():
+    with FakeMedia("sk-upstream-test") as media, FakeResponses("sk-upstream-test") as native:
+        yield media, native
+
+
+@pytest.fixture(scope="session")
+def openai_api_gateway(gateway_config, openai_api_fakes, fence_log):
+    """The deployment of tests/e2e/test_openai_api_e2e.py and test_ai_sdk_e2e.py: /v1/responses relayed to a native
+    upstream, the media routes on their fake, CORS for API_ORIGIN."""
+    media, native = openai_api_fakes
+    tmp, cfg = gateway_config()
+    cfg["server"]["cors_origins"] = Raw(f'["{API_ORIGIN}"]')
+    up = {"api_key_env": "TEST_UPSTREAM_KEY", "timeout_seconds": 2, "kind": "openai"}
+    cfg["upstreams"]["native"] = {**up, "base_url": native.base_url, "responses_api": True,
+                                  "max_tokens_field": "max_completion_tokens"}
+    cfg["upstreams"]["media"] = {**up, "base_url": media.base_url}
+    cfg["models"].update({
+        "resp-native": {"upstream": "native", "upstream_model": "gpt-4.1-mini", "input_price": Raw("0.40"),
+                        "output_price": Raw("1.60"), "cached_input_price": Raw("0.10"), "max_output_tokens": 1000},
+        "emb": {"upstream": "media", "mode": "embedding", "upstream_model": "text-embedding-3-small",
+                "input_price": Raw("0.02")},
+        "tts-chars": {"upstream": "media", "mode": "speech", "upstream_model": "tts-1",
+                      "per_million_characters": Raw("15.00")},
+        "tts-tokens": {"upstream": "media", "mode": "speech", "upstream_model": "gpt-4o-mini-tts",
+                       "input_price": Raw("0.60"), "output_price": Raw("12.00"), "max_output_tokens": 8192},
+        "whisper-1": {"upstream": "media", "mode": "transcription", "per_minute": Raw("0.006")},
+        "gpt-4o-transcribe": {"upstream": "media", "mode": "transcription", "input_price": Raw("2.50"),
+                              "output_price": Raw("10.00")},
+        "omni-moderation-latest": {"upstream": "media", "mode": "moderation"},
+        "mod-priced": {"upstream": "media", "mode": "moderation", "input_price": Raw("1.00")},
+    })
+    gateway = Gateway(tmp, cfg, env=fence_env(fence_log)).start()
+    yield gateway
+    gateway.stop(wait=False)
 
 
 @pytest.fixture
