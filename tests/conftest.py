@@ -159,3 +159,19 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
         defs = fixtures.name2fixturedefs.values() if fixtures else ()
         if any(d[-1].scope == "module" and d[-1].baseid.split("::")[0] == module for d in defs if d):
             item.add_marker(pytest.mark.xdist_group(module))
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:  # noqa: F811
+    """`--dist loadgroup` for pytest 9.2: pytest-xdist 3.8 tags a grouped test by assigning `item._nodeid`, which
+    pytest 9.2 no longer reads (a node's id is `item._id`), so every xdist_group was ignored and a module's own
+    gateway started on each worker that ran one of its tests. The same "<nodeid>@<group>" tag, set where pytest
+    9.2 keeps it, once (a later xdist that sets it itself is left alone)."""
+    if not getattr(config.option, "loadgroup", False):
+        return
+    from _pytest.nodeid import NodeId
+    for item in items:
+        names = sorted({str(m.args[0] if m.args else m.kwargs.get("name", "default"))
+                        for m in item.iter_markers("xdist_group")})
+        if names and "@" not in item.nodeid.rpartition("]")[2]:
+            item._id = NodeId.parse(f"{item.nodeid}@{'_'.join(names)}")

@@ -18,6 +18,21 @@ from tests.conftest import GEMINI_KEY, GUNICORN, ROOT, UPSTREAM_KEY, free_port, 
 
 LIVE: list[Gateway] = []  # gateways started and not yet stopped, whose logs a failing test report shows
 LOG_TAIL = 6000
+STOPPING: list[subprocess.Popen] = []  # gateways signalled by stop(wait=False) and not yet reaped
+
+
+def _reap(proc: subprocess.Popen) -> None:
+    try:
+        proc.wait(timeout=15)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+
+
+def reap_stopped() -> None:
+    """Wait for every gateway stopped with wait=False (SIGKILL after 15 s), so none outlives the test run."""
+    while STOPPING:
+        _reap(STOPPING.pop())
 
 
 class Books:
@@ -82,8 +97,11 @@ class Gateway(Books):
     def start(self) -> Gateway:
         LIVE.append(self)
         log = open(self.log_path, "ab")
-        self.proc = subprocess.Popen([GUNICORN, "-c", "gunicorn.conf.py", "app:create_app()"], cwd=ROOT, env=self.env,
-                                     stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        # No control socket: its default path is one per user, so the many gateways a test run starts (and the
+        # other runs on the machine) would each replace and then unlink the same socket file.
+        self.proc = subprocess.Popen([GUNICORN, "-c", "gunicorn.conf.py", "--no-control-socket", "app:create_app()"],
+                                     cwd=ROOT, env=self.env, stdout=log, stderr=subprocess.STDOUT,
+                                     start_new_session=True)
         deadline = time.monotonic() + 20
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
@@ -92,19 +110,23 @@ class Gateway(Books):
                 if requests.get(f"{self.url}/health", timeout=1).status_code == 200:
                     return self
             except requests.RequestException:
-                time.sleep(0.1)
+                # Refused until the master binds (a connection after that waits for the worker's answer): a short
+                # poll, since a start-up takes about a second and every test that starts a gateway waits for it.
+                time.sleep(0.02)
         raise RuntimeError(f"gateway did not start: {self.log()}")
 
-    def stop(self, sig: int = signal.SIGINT) -> None:
+    def stop(self, sig: int = signal.SIGINT, wait: bool = True) -> None:
+        """Signal the gateway's process group. wait=False is for fixture teardown: gunicorn takes about half a
+        second to reap its workers and exit, time the next test need not spend idle; reap_stopped() collects
+        those processes (the e2e conftest calls it when the session ends)."""
         if self in LIVE:
             LIVE.remove(self)
         if self.proc and self.proc.poll() is None:
             os.killpg(self.proc.pid, sig)
-            try:
-                self.proc.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait()
+            if not wait:
+                STOPPING.append(self.proc)
+                return
+            _reap(self.proc)
 
     def log_size(self) -> int:
         return self.log_path.stat().st_size if self.log_path.exists() else 0

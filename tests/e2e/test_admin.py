@@ -24,7 +24,7 @@ def gw(gateway_config):
     tmp, cfg = gateway_config()
     gateway = Gateway(tmp, cfg, env={"GATEWAY_ADMIN_TOKEN": TOKEN}).start()
     yield gateway
-    gateway.stop()
+    gateway.stop(wait=False)
 
 
 def api(gw: Gateway, method: str, path: str, **kw) -> requests.Response:
@@ -53,24 +53,35 @@ def chat(gw: Gateway, secret: str, model: str = "gpt-test", **kw):
 
 # -- admin API ----------------------------------------------------------------------------------------------
 
-def test_admin_off_without_token_answers_404(make_gateway):
-    gateway = make_gateway(env={"GATEWAY_ADMIN_TOKEN": ""})  # its own: the shared gateway's log stays key-only
+def test_admin_off_without_token_answers_404(gateway):
+    """The shared gateway runs with GATEWAY_ADMIN_TOKEN empty (tests/e2e/conftest.py)."""
     for path in ("/admin/api/keys", "/admin/", "/admin/login", "/metrics"):
         r = requests.get(gateway.url + path, headers=ADMIN, timeout=10)
         assert r.status_code == 404, path
         assert r.json()["error"]["code"] == "not_found"
 
 
-def test_wrong_token_is_401_then_throttled_per_address(make_gateway):
-    gw = make_gateway(env={"GATEWAY_ADMIN_TOKEN": TOKEN})
+def get_from(gw: Gateway, address: str, token: str) -> requests.Response:
+    """GET /admin/api/keys over a connection from `address` (any of 127.0.0.0/8 is this machine's loopback)."""
+    class FromAddress(requests.adapters.HTTPAdapter):
+        def init_poolmanager(self, *args, **kw):
+            super().init_poolmanager(*args, **{**kw, "source_address": (address, 0)})
+
+    with requests.Session() as s:
+        s.mount("http://", FromAddress())
+        return s.get(f"{gw.url}/admin/api/keys", headers={"Authorization": f"Bearer {token}"}, timeout=10)
+
+
+def test_wrong_token_is_401_then_throttled_per_address(gw):
+    # From an address of its own, so the throttle it earns leaves this module's other tests (127.0.0.1) alone.
     for _ in range(10):
-        r = requests.get(f"{gw.url}/admin/api/keys", headers={"Authorization": "Bearer nope"}, timeout=10)
+        r = get_from(gw, "127.0.0.2", "nope")
         assert r.status_code == 401
         assert r.json()["error"]["code"] == "invalid_admin_token"
-    r = requests.get(f"{gw.url}/admin/api/keys", headers={"Authorization": "Bearer nope"}, timeout=10)
+    r = get_from(gw, "127.0.0.2", "nope")
     assert r.status_code == 429 and 1 <= int(r.headers["Retry-After"]) <= 60
-    r = requests.get(f"{gw.url}/admin/api/keys", headers=ADMIN, timeout=10)  # even the right one waits
-    assert r.status_code == 429
+    assert get_from(gw, "127.0.0.2", TOKEN).status_code == 429  # even the right one waits
+    assert get_from(gw, "127.0.0.1", TOKEN).status_code == 200  # per address: another one is not throttled
     assert TOKEN not in gw.log() and "nope" not in gw.log()
 
 
@@ -373,14 +384,17 @@ def test_metrics_scrape_across_two_workers(make_gateway):
     assert _sample(text, "gateway_open_streams") == 0 and _sample(text, "gateway_holds_in_flight") == 0
 
 
-def test_metrics_count_limiter_rejections(make_gateway):
-    gw = make_gateway(env={"GATEWAY_ADMIN_TOKEN": TOKEN})
+def test_metrics_count_limiter_rejections(gw):
+    def rejected() -> float:
+        return _sample(requests.get(f"{gw.url}/metrics", headers=ADMIN, timeout=10).text,
+                       "gateway_rate_limited_total", window="minute")
+
+    before = rejected()  # the module's gateway: other tests may have been limited before this one
     _, secret = gw.create_key("5", rpm=1)
     chat(gw, secret)
     with pytest.raises(openai.RateLimitError):
         chat(gw, secret)
-    text = requests.get(f"{gw.url}/metrics", headers=ADMIN, timeout=10).text
-    assert _sample(text, "gateway_rate_limited_total", window="minute") == 1
+    assert rejected() - before == 1
 
 
 # -- retention ----------------------------------------------------------------------------------------------
@@ -403,9 +417,8 @@ def test_retention_deletes_old_usage_in_batches_and_keeps_the_books(make_gateway
         conn.close()
         return key_id
 
-    # The gateway's database is only known once its config is made: seed it through a first, stopped start.
-    gw = make_gateway(change, env={"GATEWAY_ADMIN_TOKEN": TOKEN})
-    gw.stop()
+    # Seeded before the gateway's first start, as an old deployment's database would be.
+    gw = make_gateway(change, env={"GATEWAY_ADMIN_TOKEN": TOKEN}, start=False)
     key_id = seed(gw.db_path)
     _, secret = gw.create_key("5")
     gw.start()

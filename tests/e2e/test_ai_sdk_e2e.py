@@ -20,7 +20,10 @@ SCRIPT = Path(__file__).with_name("ai_sdk") / "client.mjs"
 UNREACHABLE = ("ENOTFOUND", "EAI_AGAIN", "ETIMEDOUT", "ECONNREFUSED", "ECONNRESET", "network", "proxy")
 
 
-@pytest.fixture(scope="module")
+pytestmark = pytest.mark.xdist_group("openai-api-deployment")  # see tests/e2e/test_openai_api_e2e.py
+
+
+@pytest.fixture(scope="session")
 def ai_sdk() -> Path:
     if shutil.which("node") is None or shutil.which("npm") is None:
         pytest.skip("Node and npm are not installed")

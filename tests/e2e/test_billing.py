@@ -13,9 +13,22 @@ import pytest
 import requests
 
 import billing
+from tests.e2e.conftest import fence_env
 from tests.gateway import Gateway
 
 NANO = 10**9
+
+
+@pytest.fixture(scope="module")
+def two_patient_workers(gateway_config, fence_log):
+    """Two workers, and a 'fake' upstream given 10 s: the overdraft race needs both workers, the heartbeat case a
+    stream that the shared gateway's 2 s upstream timeout would end first. One start-up serves both (each test
+    uses its own key)."""
+    tmp, cfg = gateway_config()
+    cfg["upstreams"]["fake"]["timeout_seconds"] = 10
+    gw = Gateway(tmp, cfg, workers=2, env=fence_env(fence_log)).start()
+    yield gw
+    gw.stop(wait=False)
 
 
 def wait_for(predicate, timeout: float = 10.0) -> bool:
@@ -66,8 +79,8 @@ def test_overage_is_collected_down_to_zero_and_recorded(gateway):
 
 
 @pytest.mark.long(seconds=8)
-def test_concurrent_requests_never_overdraw(make_gateway):
-    gw = make_gateway(workers=2)
+def test_concurrent_requests_never_overdraw(two_patient_workers):
+    gw = two_patient_workers
     key_id, secret = gw.create_key("0.001")  # each request holds ~0.000166 and costs 0.000164
     client = gw.client(secret)
 
@@ -120,12 +133,10 @@ def test_holds_of_a_killed_process_come_back_on_restart(make_gateway):
         again.stop()
 
 
-def test_heartbeat_notices_a_vanished_client_while_the_upstream_is_silent(make_gateway):
+def test_heartbeat_notices_a_vanished_client_while_the_upstream_is_silent(two_patient_workers):
     """The upstream waits 4 s per chunk; pings every heartbeat (0.2 s in the tests) reveal the closed client long
     before that."""
-    def patient(cfg):  # the shared gateway's 2 s upstream timeout would end the stream first
-        cfg["upstreams"]["fake"]["timeout_seconds"] = 10
-    gateway = make_gateway(patient)
+    gateway = two_patient_workers  # its upstream timeout is 10 s: the shared gateway's 2 s would end the stream first
     key_id, secret = gateway.create_key("1")
     sock = open_raw_stream(gateway, secret, "think [chunks=3] [delay=4]")
     received = b""

@@ -7,7 +7,6 @@ import openai
 import pytest
 
 from tests.fake_openai import _tiktoken_usage
-from tests.gateway import Gateway
 
 NANO = 10**9
 
@@ -78,28 +77,12 @@ def _parallel(gw, secret: str, model: str, count: int) -> list[int]:
         return list(pool.map(one, range(count)))
 
 
-def _with_big_models(cfg: dict) -> None:
-    """Models priced and sized like gpt-4.1 and gpt-4.1-mini (32,768 output tokens)."""
-    cfg["models"]["big"] = {"upstream": "fake", "input_price": 2, "output_price": 8, "max_output_tokens": 32768}
-    cfg["models"]["big-mini"] = {"upstream": "fake", "input_price": 0.4, "output_price": 1.6,
-                                 "max_output_tokens": 32768}
-
-
-@pytest.fixture(scope="module")
-def big_models(gateway_config):
-    """One gateway with the big models for both cases (each uses its own key): one start-up, not one per case."""
-    tmp, cfg = gateway_config()
-    _with_big_models(cfg)
-    gw = Gateway(tmp, cfg).start()
-    yield gw
-    gw.stop()
-
-
 @pytest.mark.parametrize("model,credits,count", [("big", "0.5", 5), ("big-mini", "1", 50)])
-def test_a_small_key_serves_parallel_requests_without_a_cap(big_models, model, credits, count):
+def test_a_small_key_serves_parallel_requests_without_a_cap(gateway, model, credits, count):
     """A LangChain batch of 5 on gpt-4.1 with 0.5 credits, and 50 at once on gpt-4.1-mini with 1 credit: each
-    request once held the model's whole max_output_tokens, so all but the first two or twenty got 402."""
-    gw = big_models
+    request once held the model's whole max_output_tokens, so all but the first two or twenty got 402. The shared
+    gateway has these two models (tests/e2e/conftest.py, BIG_MODELS)."""
+    gw = gateway
     key_id, secret = gw.create_key(credits)
     statuses = _parallel(gw, secret, model, count)
     assert statuses == [200] * count, gw.log()[-2000:]

@@ -89,7 +89,7 @@ def tight(request, gateway_config):
     cfg["models"]["gpt-deadline"] = {**cfg["models"]["gpt-test"], "upstream": "fake-deadline"}
     gw = Gateway(tmp, cfg).start()
     yield gw
-    gw.stop()
+    gw.stop(wait=False)
 
 
 @pytest.mark.parametrize("word, stream", [("[drip]", False), ("[drip-headers]", False), ("[drip-headers]", True)])

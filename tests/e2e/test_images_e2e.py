@@ -217,34 +217,7 @@ def test_partial_success_is_charged_only_for_images_returned(gateway, key, fake_
            "the failed calls answered 502,502" in gateway.log()
 
 
-# The upstream key: missing, refused, and never shown
-
-def test_missing_and_refused_upstream_keys_are_502_and_never_leak(make_gateway, fake_gemini):
-    wrong = "AIzaSy-wrong-key-0123456789"
-
-    def change(cfg: dict) -> None:
-        cfg["upstreams"]["gemini-nokey"] = {**cfg["upstreams"]["gemini"], "api_key_env": "TEST_MISSING_KEY"}
-        cfg["upstreams"]["gemini-wrongkey"] = {**cfg["upstreams"]["gemini"], "api_key_env": "TEST_WRONG_KEY"}
-        cfg["models"]["img-nokey"] = {**cfg["models"]["gemini-2.5-flash-image"], "upstream": "gemini-nokey",
-                                      "upstream_model": "gemini-2.5-flash-image"}
-        cfg["models"]["img-wrongkey"] = {**cfg["models"]["gemini-2.5-flash-image"], "upstream": "gemini-wrongkey",
-                                         "upstream_model": "gemini-2.5-flash-image"}
-    gw = make_gateway(change, env={"TEST_WRONG_KEY": wrong})
-    key_id, secret = gw.create_key("10")
-    word = tag()
-    err = error(post(gw, secret, {"model": "img-nokey", "prompt": word}), 502, "upstream_error")
-    assert "TEST_MISSING_KEY" in err["message"]
-    assert gemini_calls(fake_gemini, word) == []
-    assert gw.usage(key_id) == []  # refused before the hold
-    resp = post(gw, secret, {"model": "img-wrongkey", "prompt": word, "n": 2})
-    err = error(resp, 502, "upstream_error")
-    assert err["message"] == ("The upstream 'gemini-wrongkey' refused the gateway's own API key (HTTP 400 "
-                              "API_KEY_INVALID); the operator must check TEST_WRONG_KEY.")
-    assert wrong not in resp.text
-    assert len(gemini_calls(fake_gemini, word)) == 2
-    assert gw.balance(key_id) == TEN
-    assert wrong not in gw.log() and GEMINI_KEY not in gw.log()
-
+# The upstream key: never shown (missing and refused keys: tests/inproc/test_images_errors.py)
 
 def test_upstream_keys_never_reach_the_log(gateway, key):
     secret = key[1]

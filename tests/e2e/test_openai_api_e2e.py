@@ -13,48 +13,26 @@ import openai
 import pytest
 import requests
 
-from tests.conftest import Raw
-from tests.e2e.fake_media import TRANSCRIPT, FakeMedia, audio_bytes
-from tests.fake_responses import FakeResponses
+from tests.e2e.conftest import API_ORIGIN as ORIGIN
+from tests.e2e.fake_media import TRANSCRIPT, audio_bytes
 from tests.gateway import Gateway
 
 START = 10 * 10**9  # every key starts with 10 credits
-ORIGIN = "https://app.example.com"
 
 
-@pytest.fixture(scope="module")
-def fakes():
-    with FakeMedia("sk-upstream-test") as media, FakeResponses("sk-upstream-test") as native:
-        yield media, native
+# The deployment (its fakes and config) is tests/e2e/conftest.py's openai_api_gateway, shared with
+# tests/e2e/test_ai_sdk_e2e.py: both modules are one xdist group, so it starts once for the two.
+pytestmark = pytest.mark.xdist_group("openai-api-deployment")
 
 
-@pytest.fixture(scope="module")
-def gw(gateway_config, fakes):
-    media, native = fakes
-    tmp, cfg = gateway_config()
-    cfg["server"]["cors_origins"] = Raw(f'["{ORIGIN}"]')
-    up = {"api_key_env": "TEST_UPSTREAM_KEY", "timeout_seconds": 2, "kind": "openai"}
-    cfg["upstreams"]["native"] = {**up, "base_url": native.base_url, "responses_api": True,
-                                  "max_tokens_field": "max_completion_tokens"}
-    cfg["upstreams"]["media"] = {**up, "base_url": media.base_url}
-    cfg["models"].update({
-        "resp-native": {"upstream": "native", "upstream_model": "gpt-4.1-mini", "input_price": Raw("0.40"),
-                        "output_price": Raw("1.60"), "cached_input_price": Raw("0.10"), "max_output_tokens": 1000},
-        "emb": {"upstream": "media", "mode": "embedding", "upstream_model": "text-embedding-3-small",
-                "input_price": Raw("0.02")},
-        "tts-chars": {"upstream": "media", "mode": "speech", "upstream_model": "tts-1",
-                      "per_million_characters": Raw("15.00")},
-        "tts-tokens": {"upstream": "media", "mode": "speech", "upstream_model": "gpt-4o-mini-tts",
-                       "input_price": Raw("0.60"), "output_price": Raw("12.00"), "max_output_tokens": 8192},
-        "whisper-1": {"upstream": "media", "mode": "transcription", "per_minute": Raw("0.006")},
-        "gpt-4o-transcribe": {"upstream": "media", "mode": "transcription", "input_price": Raw("2.50"),
-                              "output_price": Raw("10.00")},
-        "omni-moderation-latest": {"upstream": "media", "mode": "moderation"},
-        "mod-priced": {"upstream": "media", "mode": "moderation", "input_price": Raw("1.00")},
-    })
-    gateway = Gateway(tmp, cfg).start()
-    yield gateway
-    gateway.stop()
+@pytest.fixture
+def fakes(openai_api_fakes):
+    return openai_api_fakes
+
+
+@pytest.fixture
+def gw(openai_api_gateway):
+    return openai_api_gateway
 
 
 def books(gw: Gateway, key_id: int) -> tuple[int, list, list, int]:

@@ -6,78 +6,36 @@ upstreams that cannot fetch URLs get data URLs, and every refused image is a fre
 from __future__ import annotations
 
 import base64
-import itertools
 import json
 import re
 import sqlite3
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from decimal import ROUND_CEILING, Decimal
+from decimal import Decimal
 from pathlib import Path
 
 import pytest
 import requests
 
 import db
-from tests.conformance.validate import validate
-from tests.conftest import Raw
-from tests.gateway import Gateway
 from tests.image_server import BIG_BYTES, CAT_JPG, CAT_PNG, ImageServer, make_png
-
-NANO = 10**9
-REPLY = "Hello from the fake upstream!"
-DESCRIBED = f"[Description of an image: {REPLY}]"
-_sizes = itertools.count(3)
-
-
-def cost(p: int, c: int, inp: str, out: str) -> int:
-    """Expected nano-credits, computed independently of billing.py (prices per million tokens)."""
-    exact = (Decimal(p) * Decimal(inp) + Decimal(c) * Decimal(out)) / Decimal(10**6) * NANO
-    return int(exact.to_integral_value(rounding=ROUND_CEILING))
-
-
-BRIDGE_COST = cost(11, 7, "0.40", "1.60")  # gpt-test, the bridge model; the fake reports 11 + 7 tokens
-TEXT_COST = cost(11, 7, "0.50", "1.50")  # gpt-text, the main call
-
-
-def data_url(data: bytes, mime: str = "image/png") -> str:
-    return f"data:{mime};base64,{base64.b64encode(data).decode()}"
-
-
-def fresh_png() -> bytes:
-    """A PNG no earlier test sent, so the session-wide description cache has not seen it."""
-    n = next(_sizes)
-    return make_png(n, n)
-
-
-def image_body(model: str, *urls: object, text: str = "What is in this picture?", **extra: object) -> dict:
-    parts: list[dict] = [{"type": "text", "text": text}]
-    for url in urls:
-        parts.append({"type": "image_url", "image_url": url if isinstance(url, (str, dict)) else str(url)})
-    return {"model": model, "messages": [{"role": "system", "content": "You are terse."},
-                                         {"role": "user", "content": parts}], **extra}
-
-
-def img(url: str, detail: str | None = None) -> dict:
-    return {"url": url, **({"detail": detail} if detail else {})}
-
-
-def post(gw, secret: str, body: dict) -> requests.Response:
-    return requests.post(f"{gw.base_url}/chat/completions", headers={"Authorization": f"Bearer {secret}"},
-                         json=body, timeout=30)
-
-
-def wait_usage(gw, key_id: int, rows: int) -> list:
-    """Usage rows once settlement wrote them (a stream settles just after its last event)."""
-    deadline = time.monotonic() + 5
-    while len(found := gw.usage(key_id)) < rows and time.monotonic() < deadline:
-        time.sleep(0.05)
-    return found
-
-
-def has_image_part(body: dict) -> bool:
-    return "image_url" in json.dumps(body["messages"])
+from tests.vision_checks import (
+    BRIDGE_COST,
+    DESCRIBED,
+    NANO,
+    REPLY,
+    TEXT_COST,
+    assert_refused_for_free,
+    cost,
+    data_url,
+    fresh_png,
+    has_image_part,
+    image_body,
+    img,
+    post,
+    wait_usage,
+)
 
 
 @pytest.fixture(scope="module")
@@ -86,84 +44,13 @@ def images() -> Iterator[ImageServer]:
         yield srv
 
 
-FENCE_SITE = str(Path(__file__).resolve().parents[1] / "netguard_site")
-
-
-@pytest.fixture(scope="module")
-def fence_log(tmp_path_factory) -> Path:
-    """Where the fenced gateways of this module note any connect to an address off this machine (none may)."""
-    return tmp_path_factory.mktemp("fence") / "off-box.log"
-
-
-def fence_env(log: Path) -> dict[str, str]:
-    """Test harness for the gateway subprocess: tests/netguard_site makes every off-box connect fail and log."""
-    return {"PYTHONPATH": FENCE_SITE, "NETGUARD_LOG": str(log)}
-
-
 @pytest.fixture(autouse=True)
 def no_off_box_connections(fence_log: Path) -> Iterator[None]:
+    """Every gateway of this tier is behind the test fence (tests/e2e/conftest.py): none may try a connection off
+    this machine, whatever image URL it was sent."""
     yield
     tried = fence_log.read_text() if fence_log.exists() else ""
     assert tried == "", f"the gateway tried to connect off this machine: {tried}"
-
-
-@pytest.fixture(scope="module")
-def gateway(gateway_config, fence_log):
-    """This module's own gateway, behind the test fence (the session's shared one has none)."""
-    tmp, cfg = gateway_config()
-    gw = Gateway(tmp, cfg, env=fence_env(fence_log)).start()
-    yield gw
-    gw.stop()
-
-
-@pytest.fixture
-def make_gateway(gateway_config, fence_log):
-    started: list[Gateway] = []
-
-    def make(change=None, workers: int = 1) -> Gateway:
-        tmp, cfg = gateway_config()
-        if change:
-            change(cfg)
-        gw = Gateway(tmp, cfg, workers, fence_env(fence_log)).start()
-        started.append(gw)
-        return gw
-    yield make
-    for gw in started:
-        gw.stop()
-
-
-@pytest.fixture
-def key(gateway):
-    return gateway.create_key("10")
-
-
-def ledger(gw, key_id: int) -> list[tuple[str, int]]:
-    conn = gw.db()
-    try:
-        return [tuple(r) for r in conn.execute("SELECT kind, amount FROM ledger WHERE key_id = ? ORDER BY id",
-                                               (key_id,))]
-    finally:
-        conn.close()
-
-
-def assert_refused_for_free(gw, fake_openai, body: dict, reason: str, code: str = "invalid_image_url",
-                            param: str = "messages[1].content[1]", after_hold: bool = False) -> dict:
-    """A 400 that costs nothing and reaches no upstream. Refused before the hold: no usage row at all; refused
-    while fetching (inside the hold): one free usage row with status 400. Either way no hold is left open."""
-    key_id, secret = gw.create_key("1")
-    sent = len(fake_openai.requests)
-    r = post(gw, secret, body)
-    assert r.status_code == 400, r.text
-    err = r.json()
-    assert validate("ErrorResponse", err) == []
-    assert err["error"]["code"] == code and err["error"]["param"] == param, err
-    assert reason in err["error"]["message"], err
-    assert gw.balance(key_id) == NANO and gw.open_holds(key_id) == 0
-    rows = [(row["cost"], row["status"], row["uncollected"]) for row in gw.usage(key_id)]
-    assert rows == ([(0, 400, 0)] if after_hold else [])
-    assert ledger(gw, key_id) == [("grant", NANO)] + ([("charge", 0)] if after_hold else [])
-    assert len(fake_openai.requests) == sent  # no upstream saw it, not even the bridge
-    return err
 
 
 # --- what each kind of model receives --------------------------------------------------------------------------
@@ -339,32 +226,6 @@ def test_remote_image_hold_assumes_a_bridge_call(gateway, fake_openai, images):
     assert NANO - gateway.balance(key_id) == BRIDGE_COST + 2 * TEXT_COST and gateway.open_holds(key_id) == 0
 
 
-@pytest.fixture(scope="module")
-def forty_images(gateway_config, fence_log):
-    """A gateway that accepts 40 images a request, shared by both models' cases (each with its own key)."""
-    tmp, cfg = gateway_config()
-    cfg["vision"].update(max_images=40)
-    gw = Gateway(tmp, cfg, env=fence_env(fence_log)).start()
-    yield gw
-    gw.stop()
-
-
-@pytest.mark.parametrize("model", ["gpt-text", "gemini-test"])
-def test_key_that_cannot_pay_downloads_nothing(forty_images, fake_openai, images, model):
-    """The issue's case: a 0-credit key sent 40 large image URLs and the gateway fetched them all before its 402.
-    Now the 402 comes before any fetch: not one request reaches the image server."""
-    gw = forty_images
-    key_id, secret = gw.create_key("0")
-    before = sum(images.counts.values())
-    sent = len(fake_openai.requests)
-    body = image_body(model, *[img(images.url(f"/big-declared.png?n={i}")) for i in range(40)])
-    r = post(gw, secret, body)
-    assert r.status_code == 402, r.text
-    assert r.json()["error"]["code"] == "insufficient_credits"
-    assert sum(images.counts.values()) == before and len(fake_openai.requests) == sent
-    assert gw.balance(key_id) == 0 and gw.usage(key_id) == [] and gw.open_holds(key_id) == 0
-
-
 def test_fetches_in_flight_are_bounded_per_worker(make_gateway, fake_openai, images):
     """Each fetch reserves max_image_bytes of a budget of 4 x max_image_bytes per worker, so however many
     requests arrive at once, at most 4 images are being downloaded by the worker; the rest wait their turn."""
@@ -446,20 +307,6 @@ def test_too_many_images(gateway, fake_openai, model):
     assert_refused_for_free(gateway, fake_openai, body, "11 images", code="too_many_images", param="messages")
 
 
-def test_loopback_refused_when_the_switch_is_off(make_gateway, fake_openai, images):
-    gw = make_gateway(lambda cfg: cfg["vision"].update(allow_loopback_image_hosts=False))
-    before = sum(images.counts.values())
-    for model in ("gpt-text", "gemini-test"):
-        for host, reason in [("127.0.0.1", "loopback"), ("localhost", "loopback"), ("[::1]", "loopback"),
-                             ("[::ffff:127.0.0.1]", "loopback")]:
-            assert_refused_for_free(gw, fake_openai, image_body(model, img(images.url("/cat.png", host))), reason)
-        assert_refused_for_free(gw, fake_openai, image_body(model, img("http://192.168.1.1/x.png")), "private")
-    assert sum(images.counts.values()) == before  # not one connection reached the image server
-    # Data URLs need no fetch and still work.
-    key_id, secret = gw.create_key("1")
-    assert post(gw, secret, image_body("gpt-text", img(data_url(CAT_PNG)))).status_code == 200
-
-
 def test_size_cap_and_timeout(make_gateway, fake_openai, images):
     def small(cfg: dict) -> None:
         cfg["vision"].update(max_image_bytes=4096, fetch_timeout_seconds=1)
@@ -481,51 +328,7 @@ def test_size_cap_and_timeout(make_gateway, fake_openai, images):
     assert post(gw, secret, image_body("gemini-test", img(images.url("/cat.png")))).status_code == 200
 
 
-def test_cache_is_bounded(make_gateway, fake_openai):
-    gw = make_gateway(lambda cfg: cfg["vision"].update(cache_max_entries=1))
-    key_id, secret = gw.create_key("1")
-    a, b = image_body("gpt-text", img(data_url(fresh_png()))), image_body("gpt-text", img(data_url(fresh_png())))
-    seen = [post(gw, secret, body).headers["x-vision-images"].split(";")[:2] for body in (a, a, b, a)]
-    assert seen == [["bridged=1", " cached=0"], ["bridged=0", " cached=1"], ["bridged=1", " cached=0"],
-                    ["bridged=1", " cached=0"]]  # b pushed a out of a one-entry cache
-    conn = gw.db()
-    try:
-        assert conn.execute("SELECT COUNT(*) FROM vision_descriptions").fetchone()[0] == 1
-    finally:
-        conn.close()
-
-
 # --- the bridge -------------------------------------------------------------------------------------------------
-
-def test_failing_bridge_is_502_and_charges_nothing(make_gateway, fake_openai):
-    def dead_bridge(cfg: dict) -> None:
-        cfg["models"]["gpt-vision-dead"] = {"upstream": "dead", "input_price": Raw("1"), "output_price": Raw("1"),
-                                            "vision": True}
-        cfg["vision"]["bridge_model"] = "gpt-vision-dead"
-    gw = make_gateway(dead_bridge)
-    key_id, secret = gw.create_key("1")
-    sent = len(fake_openai.requests)
-    for stream in (False, True):
-        r = post(gw, secret, image_body("gpt-text", img(data_url(CAT_PNG)), stream=stream))
-        assert r.status_code == 502, r.text
-        err = r.json()
-        assert validate("ErrorResponse", err) == [] and err["error"]["code"] == "upstream_error"
-        assert err["error"]["message"].startswith("vision bridge: the model 'gpt-vision-dead' could not describe")
-        assert "messages[1].content[1]" in err["error"]["message"]
-    assert len(fake_openai.requests) == sent  # the main call was never made
-    assert gw.balance(key_id) == NANO
-    assert [(row["cost"], row["status"]) for row in gw.usage(key_id)] == [(0, 502), (0, 502)]
-    assert gw.open_holds(key_id) == 0
-
-
-def test_text_only_model_without_a_bridge_is_400(make_gateway, fake_openai):
-    gw = make_gateway(lambda cfg: cfg["vision"].pop("bridge_model"))
-    err = assert_refused_for_free(gw, fake_openai, image_body("gpt-text", img(data_url(CAT_PNG))),
-                                  "bridge_model", code="model_not_supported", param="model")
-    assert "[vision]" in err["error"]["message"]
-    key_id, secret = gw.create_key("1")
-    assert post(gw, secret, image_body("gpt-test", img(data_url(CAT_PNG)))).status_code == 200
-
 
 def test_old_shared_cache_is_migrated(tmp_path):
     """A database made by the first schema: its shared vision_cache goes, the per-key table comes, twice safely."""

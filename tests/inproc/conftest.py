@@ -7,9 +7,11 @@ no gevent monkey patching: the relay's greenlet and db.write's gevent thread poo
 """
 from __future__ import annotations
 
+import contextlib
 import io
 import logging
 import os
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -100,22 +102,50 @@ def upstream_keys():
             os.environ[k] = v
 
 
+@contextlib.contextmanager
+def _logging_to(path: Path) -> Iterator[None]:
+    """The gateway's own logger and the root one (libraries: urllib3, websockets) into `path`, so that a log check
+    here sees what gunicorn's log file would hold."""
+    handler = logging.FileHandler(path)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s %(message)s"))
+    loggers = [logging.getLogger("gateway"), logging.getLogger()]
+    for logger in loggers:
+        logger.addHandler(handler)
+    try:
+        yield
+    finally:
+        for logger in loggers:
+            logger.removeHandler(handler)
+        handler.close()
+
+
 @pytest.fixture(scope="session")
 def gateway(gateway_config, upstream_keys):
     """One in-process app of the test deployment, shared by the tier (tests make their own keys)."""
     tmp, cfg = gateway_config()
     gw = InProcGateway(tmp, cfg)
-    # The gateway's own logger and the root one (libraries: urllib3, websockets), so that a log check here sees
-    # what gunicorn's log file would hold.
-    handler = logging.FileHandler(gw.log_path)
-    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s %(message)s"))
-    loggers = [logging.getLogger("gateway"), logging.getLogger()]
-    for logger in loggers:
-        logger.addHandler(handler)
-    yield gw
-    for logger in loggers:
-        logger.removeHandler(handler)
-    handler.close()
+    with _logging_to(gw.log_path):
+        yield gw
+
+
+@pytest.fixture
+def make_gateway(gateway_config, upstream_keys, monkeypatch):
+    """Apps of a changed config: make_gateway(lambda cfg: ..., env={...}), the in-process twin of the e2e fixture
+    for tests that only check what the app answers under a config variant (no server, no start-up to pay). env
+    is set in this process for the test, as the e2e one is in the gateway's; each app logs to its own file."""
+    with contextlib.ExitStack() as stack:
+        def make(change=None, env: dict[str, str] | None = None) -> InProcGateway:
+            for name, value in (env or {}).items():
+                monkeypatch.setenv(name, value)
+            tmp, cfg = gateway_config()
+            if change:
+                change(cfg)
+            gw = InProcGateway(tmp, cfg)
+            stack.enter_context(_logging_to(gw.log_path))
+            make.made.append(gw)
+            return gw
+        make.made = []  # for the failure report
+        yield make
 
 
 @pytest.fixture
@@ -132,17 +162,23 @@ def pytest_runtest_call(item: pytest.Item) -> None:  # fixtures are set up by no
 
 @pytest.hookimpl(hookwrapper=True)
 def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo):
-    """A failing test's report carries what the app logged during it (a 500's traceback is logged, not raised)."""
+    """A failing test's report carries what the app logged during it (a 500's traceback is logged, not raised):
+    the shared app's lines since the test began, and the whole log of each app it made with make_gateway."""
     outcome = yield
     report = outcome.get_result()
-    gw = _live(item)
-    if report.when != "call" or not report.failed or gw is None or not gw.log_path.exists():
+    if report.when != "call" or not report.failed:
         return
-    with open(gw.log_path, "rb") as f:
-        f.seek(item.stash.get(_OFFSET, 0))
-        text = f.read().decode(errors="replace")
-    if text.strip():
-        report.sections.append(("gateway log (in process, during this test)", text[-6000:]))
+    shared = _live(item)
+    logs = [(shared, item.stash.get(_OFFSET, 0))] if shared else []
+    logs += [(gw, 0) for gw in getattr(getattr(item, "funcargs", {}).get("make_gateway"), "made", [])]
+    for gw, offset in logs:
+        if not gw.log_path.exists():
+            continue
+        with open(gw.log_path, "rb") as f:
+            f.seek(offset)
+            text = f.read().decode(errors="replace")
+        if text.strip():
+            report.sections.append((f"gateway log (in process, {gw.tmp.name}, during this test)", text[-6000:]))
 
 
 def _live(item: pytest.Item) -> InProcGateway | None:

@@ -156,7 +156,30 @@ def test_upstream_failures_are_5xx_and_free(gateway, key, prompt, status, code, 
     assert one_row(gateway, key_id)["status"] == status
 
 
-# The upstream key: missing, refused, and never shown
+# The upstream key: missing and refused (an app of its own config; was a gunicorn start-up in tests/e2e)
 
-# The image examples of docs/api.md, run as a user would
+def test_missing_and_refused_upstream_keys_are_502_and_never_leak(make_gateway, fake_gemini):
+    wrong = "AIzaSy-wrong-key-0123456789"
 
+    def change(cfg: dict) -> None:
+        cfg["upstreams"]["gemini-nokey"] = {**cfg["upstreams"]["gemini"], "api_key_env": "TEST_MISSING_KEY"}
+        cfg["upstreams"]["gemini-wrongkey"] = {**cfg["upstreams"]["gemini"], "api_key_env": "TEST_WRONG_KEY"}
+        cfg["models"]["img-nokey"] = {**cfg["models"]["gemini-2.5-flash-image"], "upstream": "gemini-nokey",
+                                      "upstream_model": "gemini-2.5-flash-image"}
+        cfg["models"]["img-wrongkey"] = {**cfg["models"]["gemini-2.5-flash-image"], "upstream": "gemini-wrongkey",
+                                         "upstream_model": "gemini-2.5-flash-image"}
+    gw = make_gateway(change, env={"TEST_WRONG_KEY": wrong})
+    key_id, secret = gw.create_key("10")
+    word = tag()
+    err = error(post(gw, secret, {"model": "img-nokey", "prompt": word}), 502, "upstream_error")
+    assert "TEST_MISSING_KEY" in err["message"]
+    assert gemini_calls(fake_gemini, word) == []
+    assert gw.usage(key_id) == []  # refused before the hold
+    resp = post(gw, secret, {"model": "img-wrongkey", "prompt": word, "n": 2})
+    err = error(resp, 502, "upstream_error")
+    assert err["message"] == ("The upstream 'gemini-wrongkey' refused the gateway's own API key (HTTP 400 "
+                              "API_KEY_INVALID); the operator must check TEST_WRONG_KEY.")
+    assert wrong not in resp.text
+    assert len(gemini_calls(fake_gemini, word)) == 2
+    assert gw.balance(key_id) == TEN
+    assert wrong not in gw.log() and GEMINI_KEY not in gw.log()

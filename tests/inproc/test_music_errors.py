@@ -86,3 +86,11 @@ def test_cannot_afford_is_402_before_any_upstream_call(gateway, fake_lyria):
     assert len(fake_lyria.sessions) == sessions
 
 
+def test_missing_upstream_key_is_502_naming_the_variable(make_gateway):
+    def no_key(cfg: dict) -> None:
+        cfg["upstreams"]["lyria"]["api_key_env"] = "TEST_MISSING_KEY"
+    gw = make_gateway(no_key)
+    key_id, secret = gw.create_key("10")
+    err = error(post(gw, secret, {"prompt": "a", "duration_seconds": 4}), 502, "upstream_error")
+    assert "TEST_MISSING_KEY" in err["message"]
+    assert gw.balance(key_id) == 10 * 10**9 and gw.usage(key_id) == []
