@@ -21,6 +21,7 @@ from openai.types.responses import Response, ResponseStreamEvent
 from errors import BadRequestError
 from providers.responses_chat import BadChatAnswerError, StreamTranslator, UntranslatableError, from_chat, sse, to_chat
 from tests.fake_responses import FakeResponses
+from tests.gateway import sdk_http
 
 RID = "resp_abc123"
 WEATHER = {"type": "function", "name": "get_weather", "description": "Weather for a city",
@@ -524,7 +525,7 @@ def canned() -> Iterator[Any]:
 
 
 def _client(base_url: str, key: str = "sk-test") -> openai.OpenAI:
-    return openai.OpenAI(base_url=base_url, api_key=key, max_retries=0, timeout=10)
+    return openai.OpenAI(base_url=base_url, api_key=key, max_retries=0, timeout=10, http_client=sdk_http())
 
 
 def test_sdk_reads_translated_answer(canned: Any) -> None:
