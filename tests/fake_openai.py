@@ -4,7 +4,7 @@
 Behaviour is chosen by magic words in the last message (or the prompt):
   [usage=P,C]   report P prompt and C completion tokens (default 11 and the number of content chunks)
   [nousage]     never report usage          [chunks=N]  stream N content chunks (default 4)
-  [delay=S]     sleep S seconds between stream chunks     [slow]  sleep 3 s before answering
+  [delay=S]     sleep S seconds between stream chunks
   [until=W]     stream a chunk every 0.1 s (or [delay=S]) until the test calls fake.release("W") (at most 600),
                 then finish as usual: a stream that stays live exactly as long as a test needs it
   [error400] [error401] [error429] [error500]  answer with that HTTP error
@@ -128,8 +128,6 @@ class _Handler(BaseHTTPRequestHandler):
             if f"[error{status}]" in text:
                 headers = {"Retry-After": "7"} if status == 429 else None
                 return self._error(status, f"Fake upstream error {status}.", type_, None, headers)
-        if "[slow]" in text:
-            time.sleep(3)
         wait = re.search(r"\[wait=([\d.]+)\]", text)
         if wait and not body.get("stream"):
             time.sleep(float(wait.group(1)))
