@@ -142,10 +142,11 @@ def count_tokens(tmp_path_factory):
     return tokens.count
 
 
+@pytest.hookimpl(trylast=True)
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     """Tests marked `long` run first, longest first. pytest-xdist hands out its first tests one at a time,
     round-robin, so each worker starts on a long test and short ones fill the time around it, instead of a long
-    one starting last and running alone at the end."""
+    one starting last and running alone at the end. Then the xdist groups (below)."""
     def weight(item: pytest.Item) -> float:
         mark = item.get_closest_marker("long")
         return -mark.kwargs.get("seconds", 1) if mark else 0
@@ -159,16 +160,16 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
         defs = fixtures.name2fixturedefs.values() if fixtures else ()
         if any(d[-1].scope == "module" and d[-1].baseid.split("::")[0] == module for d in defs if d):
             item.add_marker(pytest.mark.xdist_group(module))
+    if getattr(config.option, "loadgroup", False):
+        _tag_groups(items)
 
 
-@pytest.hookimpl(trylast=True)
-def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:  # noqa: F811
+def _tag_groups(items: list[pytest.Item]) -> None:
     """`--dist loadgroup` for pytest 9.2: pytest-xdist 3.8 tags a grouped test by assigning `item._nodeid`, which
     pytest 9.2 no longer reads (a node's id is `item._id`), so every xdist_group was ignored and a module's own
     gateway started on each worker that ran one of its tests. The same "<nodeid>@<group>" tag, set where pytest
-    9.2 keeps it, once (a later xdist that sets it itself is left alone)."""
-    if not getattr(config.option, "loadgroup", False):
-        return
+    9.2 keeps it, once (a later xdist that sets it itself is left alone). Runs last (trylast), after xdist's own
+    hook, and also covers the groups added above, which xdist's hook did not see."""
     from _pytest.nodeid import NodeId
     for item in items:
         names = sorted({str(m.args[0] if m.args else m.kwargs.get("name", "default"))
