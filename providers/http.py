@@ -37,7 +37,10 @@ from errors import (
 _pools: dict[str, urllib3.PoolManager] = {}
 # The gunicorn worker patches the socket module before this module is imported (no --preload).
 _GREEN = gevent.monkey.is_module_patched("socket")
-_pid = 0
+_pid = 0  # the process the pools were made in
+# This process's id, kept current across fork() by the hook below (os.getpid() is a system call per call).
+_me = [os.getpid()]
+os.register_at_fork(after_in_child=lambda: _me.__setitem__(0, os.getpid()))
 READ_SIZE = 65536
 MAX_MESSAGE_CHARS = 500  # an upstream's error text relayed to a client is cut to this
 MAX_RETRY_AFTER = 86400  # a Retry-After beyond a day is relayed as a day
@@ -340,10 +343,10 @@ class _TLSPool(urllib3.HTTPSConnectionPool):
 def pool(upstream: UpstreamConfig) -> urllib3.PoolManager:
     """The worker's connection pool for this upstream, made after fork so no socket is shared across processes."""
     global _pid
-    if _pid != os.getpid():
+    if _pid != _me[0]:
         _pools.clear()
         _targets.clear()
-        _pid = os.getpid()
+        _pid = _me[0]
     p = _pools.get(upstream.name)
     if p is None:
         # block=False: past maxsize, extra connections are opened rather than waited for (docs/runtime.md,
