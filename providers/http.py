@@ -187,16 +187,14 @@ class _OneWrite:
         Content-Length of digits is formatted directly. Anything new goes through them first, so a bad name or
         value raises as before and is never kept.
         """
-        if len(values) == 1:
+        # Only str names and values are kept: 1, 1.0 and True are equal as keys but not as header lines.
+        if len(values) == 1 and type(header) is str and type(values[0]) is str:
             value = values[0]
-            if header == "Content-Length" and type(value) is str and value.isascii() and value.isdigit():
+            if header == "Content-Length" and value.isascii() and value.isdigit():
                 self._output(b"Content-Length: " + value.encode())
                 return
             key = (header, value)
-            try:
-                line = _LINES.get(key)
-            except TypeError:  # an unhashable value: not kept
-                line = None
+            line = _LINES.get(key)
             if line is not None:
                 self._output(line)
                 return

@@ -74,3 +74,15 @@ def test_kept_lines_are_bounded() -> None:
     assert len(gw_http._LINES) == gw_http.MAX_KEPT_LINES
     last = str(gw_http.MAX_KEPT_LINES + 49)
     assert b"X-Seq: " + last.encode() in _sent(gw_http._Connection, {"X-Seq": last})
+
+
+def test_values_other_than_str_are_sent_as_http_client_sends_them() -> None:
+    # 1, 1.0 and True are equal as dict keys; each must still be sent (or refused) as http.client does.
+    assert b"X-N: 1\r\n" in _sent(gw_http._Connection, {"X-N": 1})
+    assert b"X-N: True\r\n" in _sent(gw_http._Connection, {"X-N": True})
+    assert b"X-N: 1\r\n" in _sent(gw_http._Connection, {"X-N": "1"})
+    with pytest.raises(TypeError):
+        _sent(urllib3.connection.HTTPConnection, {"X-N": 1.0})
+    with pytest.raises(TypeError):
+        _sent(gw_http._Connection, {"X-N": 1.0})
+    assert not any(type(key[1]) is not str for key in gw_http._LINES)
