@@ -196,7 +196,7 @@ def hold(path: str, key_id: int, request_id: str, planner: Callable[[int], tuple
         cur = conn.execute(
             "INSERT INTO holds(key_id, request_id, pid, pid_started, host, boot_id, amount, created_at)"
             " VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-            (key_id, request_id, os.getpid(), started, host, boot, amount, time.time()))
+            (key_id, request_id, db.pid(), started, host, boot, amount, time.time()))
         return Hold(cur.lastrowid, key_id, request_id, amount, plan)
     return db.write(path, work, gather=_in_flight[0] > 0)
 
@@ -301,7 +301,7 @@ _owner: tuple[int, tuple[str, str, int]] | None = None
 def owner() -> tuple[str, str, int]:
     """(hostname, boot_id, start time of this process in clock ticks since boot): who a hold belongs to."""
     global _owner
-    pid = os.getpid()
+    pid = db.pid()
     if _owner is None or _owner[0] != pid:  # read once per process (a fork gets its own)
         _owner = (pid, (socket.gethostname(), _read("/proc/sys/kernel/random/boot_id"), _start_time(pid)))
     return _owner[1]

@@ -32,6 +32,16 @@ WAL_RESET_BYTES = 16 * 1024 * 1024
 WAL_TRUNCATE_BYTES = 64 * 1024 * 1024
 
 _conns: dict[str, tuple[int, sqlite3.Connection]] = {}
+# This process's id, kept current across fork() by the hook below: os.getpid() is a system call (glibc stopped
+# caching it), and a hold and its settlement asked for it four times to notice a fork.
+_pid = [os.getpid()]
+os.register_at_fork(after_in_child=lambda: _pid.__setitem__(0, os.getpid()))
+
+
+def pid() -> int:
+    """os.getpid(), without the system call."""
+    return _pid[0]
+
 _pending: dict[str, list[tuple[Callable[[sqlite3.Connection], Any], AsyncResult]]] = {}
 _locks: dict[str, Semaphore] = {}
 
@@ -57,7 +67,7 @@ def connect(path: str, busy_seconds: float = 0) -> sqlite3.Connection:
 
 def conn_for(path: str) -> sqlite3.Connection:
     """The process's shared connection. Greenlets share it safely because nothing yields inside a transaction."""
-    pid = os.getpid()
+    pid = _pid[0]
     entry = _conns.get(path)
     if entry is None or entry[0] != pid:
         conn = connect(path)

@@ -6,6 +6,8 @@ path that is meant to cost about a millisecond.
 """
 from __future__ import annotations
 
+import email.parser
+import http.client
 import json
 import math
 import os
@@ -35,7 +37,10 @@ from errors import (
 _pools: dict[str, urllib3.PoolManager] = {}
 # The gunicorn worker patches the socket module before this module is imported (no --preload).
 _GREEN = gevent.monkey.is_module_patched("socket")
-_pid = 0
+_pid = 0  # the process the pools were made in
+# This process's id, kept current across fork() by the hook below (os.getpid() is a system call per call).
+_me = [os.getpid()]
+os.register_at_fork(after_in_child=lambda: _me.__setitem__(0, os.getpid()))
 READ_SIZE = 65536
 MAX_MESSAGE_CHARS = 500  # an upstream's error text relayed to a client is cut to this
 MAX_RETRY_AFTER = 86400  # a Retry-After beyond a day is relayed as a day
@@ -146,8 +151,14 @@ class Reply:
         self.raw.release_conn()
 
 
+# Header lines already checked and encoded, by (name, value); bounded, since values could vary without end.
+_LINES: dict[tuple[Any, Any], bytes] = {}
+MAX_KEPT_LINES = 256
+
+
 class _OneWrite:
-    """A urllib3 connection that sends a request's head and its (bytes) body in one write.
+    """A urllib3 connection that sends a request's head and its (bytes) body in one write, and builds the head's
+    lines once (putheader).
 
     http.client sends the head, then urllib3 sends the body: two syscalls and, with Nagle off, two TCP segments
     per upstream call. The head is held back here and goes out with the body instead.
@@ -166,6 +177,33 @@ class _OneWrite:
             held, self._holding, self._held = self._held, False, None
         if held is not None:  # no body write followed the head (not expected for a bytes body): send it now
             super().send(held)
+
+    def putheader(self, header: Any, *values: Any) -> None:
+        """urllib3's and http.client's putheader, with each distinct header line checked and encoded once.
+
+        They check a header's name and value by regex and encode both on every call, six headers per upstream
+        call (about 15 µs). The lines an upstream call sends are few and repeat (Host, the key, the content
+        type, the user agent), so a line they built is kept and reused for the same (name, values); a
+        Content-Length of digits is formatted directly. Anything new goes through them first, so a bad name or
+        value raises as before and is never kept.
+        """
+        # Only str names and values are kept: 1, 1.0 and True are equal as keys but not as header lines.
+        if len(values) == 1 and type(header) is str and type(values[0]) is str:
+            value = values[0]
+            if header == "Content-Length" and value.isascii() and value.isdigit():
+                self._output(b"Content-Length: " + value.encode())
+                return
+            key = (header, value)
+            line = _LINES.get(key)
+            if line is not None:
+                self._output(line)
+                return
+            before = len(self._buffer)
+            super().putheader(header, value)
+            if len(self._buffer) == before + 1 and len(_LINES) < MAX_KEPT_LINES:  # SKIP_HEADER adds nothing
+                _LINES[key] = self._buffer[-1]
+            return
+        super().putheader(header, *values)
 
     def send(self, data: Any) -> None:
         if self._holding:
@@ -193,8 +231,83 @@ def send_all(sock: socket.socket, data: bytes) -> None:
         view = view[sock.send(view):]
 
 
+# A response head of plain "Name: value" lines, each ended by CRLF or LF, then the blank line (or EOF). Name
+# characters are those of the email package's header pattern; a value holds no CR or LF, which that package
+# would treat as a line break. Anything else (folded lines, a line without a colon, a bare CR) is left to it.
+_PLAIN_HEAD = re.compile(r"(?:[!-9;-~]+:[^\r\n]*\r?\n)*(?:\r?\n)?")
+_FIELD = re.compile(r"([!-9;-~]+):[ \t]*([^\r\n]*)\r?\n")
+
+
+def parse_head(fp: Any) -> http.client.HTTPMessage:
+    """http.client.parse_headers(fp), without the email package's parser for a head of plain lines.
+
+    That parser costs about 35 µs per upstream answer (a feed parser, a policy, line-by-line regexes), for a
+    head that is nearly always a handful of "Name: value" lines. For those, the same HTTPMessage is built
+    directly: the email package's compat32 policy stores a field as the text after the colon with leading
+    blanks and the line end taken off, which is what _FIELD captures. Any other head goes to the email
+    package as before, so its defects (and urllib3's warning about them) are unchanged.
+    """
+    lines = http.client._read_headers(fp)  # its limits: line length, header count
+    text = b"".join(lines).decode("iso-8859-1")
+    if not _PLAIN_HEAD.fullmatch(text):
+        return email.parser.Parser(_class=http.client.HTTPMessage).parsestr(text)
+    msg = http.client.HTTPMessage()
+    for name, value in _FIELD.findall(text):
+        msg[name] = value
+    return msg
+
+
+class _Response(http.client.HTTPResponse):
+    """http.client's response with its head parsed by parse_head; everything else is http.client's."""
+
+    def begin(self) -> None:
+        # http.client.HTTPResponse.begin of Python 3.11 with parse_head for parse_headers (a module global it
+        # looks up, so no narrower override exists) and without its debuglevel prints.
+        if self.headers is not None:
+            return
+        while True:
+            version, status, reason = self._read_status()
+            if status != http.client.CONTINUE:
+                break
+            http.client._read_headers(self.fp)  # a 100 Continue's head, skipped
+        self.code = self.status = status
+        self.reason = reason.strip()
+        if version in ("HTTP/1.0", "HTTP/0.9"):
+            self.version = 10
+        elif version.startswith("HTTP/1."):
+            self.version = 11
+        else:
+            raise http.client.UnknownProtocol(version)
+        self.headers = self.msg = parse_head(self.fp)
+        tr_enc = self.headers.get("transfer-encoding")
+        if tr_enc and tr_enc.lower() == "chunked":
+            self.chunked = True
+            self.chunk_left = None
+        else:
+            self.chunked = False
+        self.will_close = self._check_close()
+        self.length = None
+        length = self.headers.get("content-length")
+        if length and not self.chunked:
+            try:
+                self.length = int(length)
+            except ValueError:
+                self.length = None
+            else:
+                if self.length < 0:
+                    self.length = None
+        else:
+            self.length = None
+        if (status == http.client.NO_CONTENT or status == http.client.NOT_MODIFIED or 100 <= status < 200
+                or self._method == "HEAD"):
+            self.length = 0
+        if not self.will_close and not self.chunked and self.length is None:
+            self.will_close = True
+
+
 class _Connection(_OneWrite, urllib3.connection.HTTPConnection):
     _plain_socket = True
+    response_class = _Response
 
     @property
     def is_connected(self) -> bool:
@@ -214,7 +327,7 @@ class _Connection(_OneWrite, urllib3.connection.HTTPConnection):
 
 
 class _TLSConnection(_OneWrite, urllib3.connection.HTTPSConnection):
-    pass
+    response_class = _Response
 
 
 class _Pool(urllib3.HTTPConnectionPool):
@@ -228,10 +341,10 @@ class _TLSPool(urllib3.HTTPSConnectionPool):
 def pool(upstream: UpstreamConfig) -> urllib3.PoolManager:
     """The worker's connection pool for this upstream, made after fork so no socket is shared across processes."""
     global _pid
-    if _pid != os.getpid():
+    if _pid != _me[0]:
         _pools.clear()
         _targets.clear()
-        _pid = os.getpid()
+        _pid = _me[0]
     p = _pools.get(upstream.name)
     if p is None:
         # block=False: past maxsize, extra connections are opened rather than waited for (docs/runtime.md,

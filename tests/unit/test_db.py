@@ -70,3 +70,24 @@ def test_writes_that_do_not_gather_are_still_each_atomic_and_all_applied(tmp_pat
     assert sorted(g.value for g in greenlets) == [40, 50, 60, 70, 80, 90]
     assert db.write(path, lambda conn: conn.execute("SELECT balance FROM api_keys").fetchone()[0],
                     gather=False) == 40
+
+
+def test_pid_follows_fork() -> None:
+    """db.pid() (and the upstream pools' own copy) is the process's id in a forked child, not the parent's."""
+    import os
+
+    from providers import http as upstream_http
+    assert db.pid() == os.getpid() == upstream_http._me[0]
+    read, write = os.pipe()
+    child = os.fork()
+    if child == 0:  # pragma: no cover (the child's outcome is read from the pipe)
+        ok = db.pid() == os.getpid() == upstream_http._me[0] != 0
+        os.write(write, b"1" if ok else b"0")
+        os._exit(0)
+    os.close(write)
+    try:
+        assert os.read(read, 1) == b"1"
+    finally:
+        os.close(read)
+        os.waitpid(child, 0)
+    assert db.pid() == os.getpid()
