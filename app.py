@@ -29,11 +29,48 @@ import tokens
 
 log = logging.getLogger("gateway")
 
+LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s %(message)s"
+
+
+class LineFormatter(logging.Formatter):
+    """logging.Formatter(LOG_FORMAT), with the same output for every record, made with less work.
+
+    The settled request's log line is written once per request; the base class builds its time with strftime
+    and fills LOG_FORMAT from the record's __dict__, where this makes the date and time once a second and joins
+    the four fields directly: 13.1 -> 9.3 us per line (docs/performance.md, issue 14 round 3).
+    """
+
+    def __init__(self) -> None:
+        super().__init__(LOG_FORMAT)
+        self._second = -1
+        self._stamp = ""
+
+    def format(self, record: logging.LogRecord) -> str:
+        record.message = record.getMessage()
+        second = int(record.created)
+        if second != self._second:  # formatTime's own conversion, once per second
+            self._stamp = time.strftime(self.default_time_format, self.converter(record.created))
+            self._second = second
+        record.asctime = asctime = self.default_msec_format % (self._stamp, record.msecs)
+        s = f"{asctime} {record.levelname} {record.name} {record.message}"
+        # The rest is logging.Formatter.format's own tail: the traceback and stack, when the record has them.
+        if record.exc_info and not record.exc_text:
+            record.exc_text = self.formatException(record.exc_info)
+        if record.exc_text:
+            if s[-1:] != "\n":
+                s = s + "\n"
+            s = s + record.exc_text
+        if record.stack_info:
+            if s[-1:] != "\n":
+                s = s + "\n"
+            s = s + self.formatStack(record.stack_info)
+        return s
+
 
 def _setup_logging() -> None:
     if not log.handlers:
         handler = logging.StreamHandler(sys.stderr)
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s %(message)s"))
+        handler.setFormatter(LineFormatter())
         log.addHandler(handler)
         log.setLevel(os.environ.get("GATEWAY_LOG_LEVEL", "INFO"))
         log.propagate = False
