@@ -12,6 +12,8 @@ import logging
 import os
 import sys
 import time
+from collections.abc import Callable
+from typing import Any
 
 from flask import Flask
 
@@ -67,6 +69,27 @@ class LineFormatter(logging.Formatter):
         return s
 
 
+class GatewayFlask(Flask):
+    """Flask, with ensure_sync's answer kept per function.
+
+    Flask asks inspect.iscoroutinefunction of every before/after_request hook and the view on every request
+    (five checks on a chat request). The hooks and views are registered once, so the answer is kept; a
+    per-request function (after_this_request) past the first 256 functions is checked as before.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._sync: dict[Callable, Callable] = {}
+
+    def ensure_sync(self, func: Callable) -> Callable:
+        sync = self._sync.get(func)
+        if sync is None:
+            sync = super().ensure_sync(func)
+            if len(self._sync) < 256:
+                self._sync[func] = sync
+        return sync
+
+
 def _setup_logging() -> None:
     if not log.handlers:
         handler = logging.StreamHandler(sys.stderr)
@@ -86,7 +109,7 @@ def create_app(cfg: config_mod.Config | None = None) -> Flask:
             print(f"gateway: {exc}", file=sys.stderr)
             # 3 is gunicorn's "worker failed to boot": the master stops with this sentence instead of respawning.
             raise SystemExit(3) from None
-    app = Flask(__name__)
+    app = GatewayFlask(__name__)
     app.config["GATEWAY"] = cfg
     # A body with a Content-Length is checked against this before it is read (auth.authenticate) and by
     # Werkzeug; a chunked one has none, and routes.json_body counts it instead.

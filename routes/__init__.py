@@ -91,12 +91,10 @@ def json_depth_ok(value: object) -> bool:
 def json_body() -> dict:
     """The request's JSON object, or OpenAI's 400 for anything else."""
     raw = _read_body(current_app.config["GATEWAY"].server.max_body_bytes)
-    too_deep = BadRequestError(f"The JSON body nests arrays and objects more than {MAX_JSON_DEPTH} levels deep; "
-                               "flatten it.", code="invalid_json")
     try:
         body = json.loads(raw)
     except RecursionError:
-        raise too_deep from None
+        raise _too_deep() from None
     except ValueError:
         raise BadRequestError("We could not parse the JSON body of your request. Send a valid JSON object.",
                               code="invalid_json") from None
@@ -104,8 +102,14 @@ def json_body() -> dict:
         raise BadRequestError("The request body must be a JSON object.", code="invalid_json")
     # Counting brackets is C-fast; only a body that could be that deep is walked.
     if raw.count(b"[") + raw.count(b"{") > MAX_JSON_DEPTH and not json_depth_ok(body):
-        raise too_deep
+        raise _too_deep()
     return body
+
+
+def _too_deep() -> BadRequestError:
+    # Built only when raised: an exception's construction is a few microseconds of every request otherwise.
+    return BadRequestError(f"The JSON body nests arrays and objects more than {MAX_JSON_DEPTH} levels deep; "
+                           "flatten it.", code="invalid_json")
 
 
 def register(app: Flask) -> None:
