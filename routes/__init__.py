@@ -22,8 +22,9 @@ MAX_JSON_DEPTH = 200
 
 def ticket(route: str) -> Ticket:
     """The request's bill, kept on flask.g so that auth's after_request hook can log a request that took no hold."""
-    g.ticket = Ticket(current_app.config["GATEWAY"], g.api_key, g.request_id, route, "")
-    return g.ticket
+    ctx = g._get_current_object()  # one context-local lookup, not four
+    ctx.ticket = t = Ticket(current_app.config["GATEWAY"], ctx.api_key, ctx.request_id, route, "")
+    return t
 
 
 def resolve(t: Ticket, name: object, mode: str, default: str | None = None) -> tuple[ModelConfig, UpstreamConfig]:
