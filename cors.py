@@ -11,9 +11,9 @@ would tell a stranger which origins are not allowed and change nothing for them.
 """
 from __future__ import annotations
 
-import os
-
 from flask import Flask, Response, current_app, g, request
+
+import auth
 
 ALLOW_METHODS = "GET, POST, OPTIONS"
 ALLOW_HEADERS = "Authorization, Content-Type, OpenAI-Organization, OpenAI-Project, OpenAI-Beta, X-Stainless-*"
@@ -42,7 +42,7 @@ def preflight() -> Response | None:
         return None
     # Browsers send the headers they want to use; echoing them lets any SDK's own x-stainless-* headers through.
     wanted = request.headers.get("Access-Control-Request-Headers")
-    g.request_id = "req_" + os.urandom(12).hex()  # auth, which would give it one, does not run for a preflight
+    g.request_id = auth.new_request_id()  # auth, which would give it one, does not run for a preflight
     resp = Response(status=204)
     resp.headers["Access-Control-Allow-Methods"] = ALLOW_METHODS
     resp.headers["Access-Control-Allow-Headers"] = wanted or ALLOW_HEADERS
