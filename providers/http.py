@@ -37,10 +37,6 @@ from errors import (
 _pools: dict[str, urllib3.PoolManager] = {}
 # The gunicorn worker patches the socket module before this module is imported (no --preload).
 _GREEN = gevent.monkey.is_module_patched("socket")
-_pid = 0  # the process the pools were made in
-# This process's id, kept current across fork() by the hook below (os.getpid() is a system call per call).
-_me = [os.getpid()]
-os.register_at_fork(after_in_child=lambda: _me.__setitem__(0, os.getpid()))
 READ_SIZE = 65536
 MAX_MESSAGE_CHARS = 500  # an upstream's error text relayed to a client is cut to this
 MAX_RETRY_AFTER = 86400  # a Retry-After beyond a day is relayed as a day
@@ -340,11 +336,6 @@ class _TLSPool(urllib3.HTTPSConnectionPool):
 
 def pool(upstream: UpstreamConfig) -> urllib3.PoolManager:
     """The worker's connection pool for this upstream, made after fork so no socket is shared across processes."""
-    global _pid
-    if _pid != _me[0]:
-        _pools.clear()
-        _targets.clear()
-        _pid = _me[0]
     p = _pools.get(upstream.name)
     if p is None:
         # block=False: past maxsize, extra connections are opened rather than waited for (docs/runtime.md,
@@ -359,6 +350,15 @@ def pool(upstream: UpstreamConfig) -> urllib3.PoolManager:
 _targets: dict[tuple[str, str], tuple[urllib3.HTTPConnectionPool, str]] = {}
 
 
+def _forget_pools() -> None:
+    _pools.clear()
+    _targets.clear()
+
+
+# A forked child starts with no pools: a socket shared with the parent would interleave two processes' requests.
+os.register_at_fork(after_in_child=_forget_pools)
+
+
 def _target(upstream: UpstreamConfig, url: str) -> tuple[urllib3.HTTPConnectionPool, str]:
     """The host's connection pool and the request path for a URL, as PoolManager.urlopen would find them.
 
@@ -366,7 +366,7 @@ def _target(upstream: UpstreamConfig, url: str) -> tuple[urllib3.HTTPConnectionP
     the URLs an upstream is called at are few (its routes, its models), so the answer is kept. A pool the
     manager has closed since (evicted) is looked up again.
     """
-    manager = pool(upstream)  # clears the pools, and with them these, after a fork
+    manager = pool(upstream)
     found = _targets.get((upstream.name, url))
     if found is None or found[0].pool is None:
         u = urllib3.util.parse_url(url)

@@ -72,16 +72,21 @@ def test_writes_that_do_not_gather_are_still_each_atomic_and_all_applied(tmp_pat
                     gather=False) == 40
 
 
-def test_pid_follows_fork() -> None:
-    """db.pid() (and the upstream pools' own copy) is the process's id in a forked child, not the parent's."""
+def test_pid_and_upstream_pools_follow_fork() -> None:
+    """db.pid() is the process's id in a forked child, not the parent's; and the child starts with no upstream
+    pools (a pooled socket shared with the parent would interleave two processes' requests)."""
     import os
 
+    from config import UpstreamConfig
     from providers import http as upstream_http
-    assert db.pid() == os.getpid() == upstream_http._me[0]
+    upstream = UpstreamConfig(name="forktest", kind="openai", base_url="http://127.0.0.1:9/v1")
+    parent_pool = upstream_http.pool(upstream)
+    assert db.pid() == os.getpid() and upstream_http.pool(upstream) is parent_pool
     read, write = os.pipe()
     child = os.fork()
     if child == 0:  # pragma: no cover (the child's outcome is read from the pipe)
-        ok = db.pid() == os.getpid() == upstream_http._me[0] != 0
+        ok = db.pid() == os.getpid() != 0 and not upstream_http._pools
+        ok = ok and upstream_http.pool(upstream) is not parent_pool
         os.write(write, b"1" if ok else b"0")
         os._exit(0)
     os.close(write)
@@ -90,4 +95,4 @@ def test_pid_follows_fork() -> None:
     finally:
         os.close(read)
         os.waitpid(child, 0)
-    assert db.pid() == os.getpid()
+    assert db.pid() == os.getpid() and upstream_http.pool(upstream) is parent_pool
