@@ -101,6 +101,10 @@ def _start_flusher() -> None:
     """At this process's first record, not at import (importing the app has no side effects)."""
     import gevent  # here: billing (so this module) is imported in gunicorn's master before gevent patches
 
+    if not gevent.get_hub().main_hub:
+        # A greenlet spawned here would belong to this thread's own hub (a real thread of the database or
+        # admin pools, or a test's), which may never run again: the counts wait for the main thread's next one.
+        return
     if not _hooks[0]:  # both are inherited by forked children: once per process tree is enough
         _hooks[0] = True
         os.register_at_fork(after_in_child=_forked)

@@ -37,6 +37,7 @@ def test_batched_counts_and_buckets_equal_the_librarys_own_observe():
 
 
 def test_the_flusher_writes_within_flush_seconds_and_holds_net_out():
+    metrics.flush()  # what earlier tests in this process recorded is written, not counted into this test's change
     before = _value("gateway_holds_in_flight")
     metrics.hold_taken()
     metrics.hold_taken()
@@ -48,3 +49,21 @@ def test_the_flusher_writes_within_flush_seconds_and_holds_net_out():
     metrics.hold_ended()
     metrics.scrape()  # a scrape flushes first
     assert _value("gateway_holds_in_flight") == before
+
+
+def test_a_record_from_another_thread_does_not_strand_the_flusher():
+    """A first record in a real thread (a database or admin pool's) must not spawn the flusher on that thread's
+    hub, which never runs again: the main thread's next record starts it, and it flushes both."""
+    import threading
+
+    metrics.flush()
+    metrics._flushing[0] = False  # as in a fresh worker: no flusher yet
+    route, model = "test.thread", "m-thread"
+    t = threading.Thread(target=metrics.record_request, args=(route, model, 200))
+    t.start()
+    t.join()
+    assert not metrics._flushing[0]
+    metrics.record_request(route, model, 200)
+    assert metrics._flushing[0]
+    gevent.sleep(metrics.FLUSH_SECONDS * 1.5)
+    assert _value("gateway_requests_total", route=route, model=model, status="200") == 2
