@@ -8,7 +8,7 @@ from __future__ import annotations
 import logging
 import os
 
-from flask import Flask, Response, current_app, g, request
+from flask import Flask, Request, Response, current_app, g, request
 from flask.ctx import _AppCtxGlobals
 
 import db
@@ -82,46 +82,34 @@ def authenticate() -> None:
 
 
 def finish(resp: Response) -> Response:
-    """The request id header; then the request's log line and metrics, run when the server closes the answer,
-    after its last byte is sent (a stream's, when it ends): what only the operator reads waits until the client
-    has its answer."""
     ctx = g._get_current_object()
     req = request._get_current_object()
     resp.headers["x-request-id"] = ctx.get("request_id", "")
     ticket = ctx.get("ticket")
+    log_unsettled(resp, ctx, req)
     # metrics hook: one count per answered request. The route label is the matched rule, never the raw path:
     # random URLs must not grow the label set.
     rule = req.url_rule.rule if req.url_rule is not None else "unmatched"
-    path = req.path
-    settled_report = None
-    if ticket is not None:
-        settled_report, ticket.report = ticket.report, None
-        ticket.defer_report = False  # a stream settles after this hook: it reports as it settles
-
-    def report() -> None:
-        if settled_report is not None:
-            settled_report()
-        log_unsettled(resp.status_code, ctx, path)
-        metrics.record_request(ticket.route if ticket is not None else rule,
-                               ticket.model if ticket is not None else "", resp.status_code)
-    resp.call_on_close(report)
+    metrics.record_request(ticket.route if ticket is not None else rule,
+                           ticket.model if ticket is not None else "", resp.status_code)
     return resp
 
 
-def log_unsettled(status: int, ctx: _AppCtxGlobals, path: str) -> None:
+def log_unsettled(resp: Response, ctx: _AppCtxGlobals, req: Request) -> None:
     """One log line for every request whose ticket took no hold: refusals (400, 401, 402, 404, 413, 429),
     model listings, health checks. Requests that took a hold are logged once by Ticket.settle, also when a
     stream ends long after this hook ran. Never a key (only a valid key's stored prefix) nor a prompt.
-    ctx: flask.g, as finish() has it."""
+    ctx and req: flask.g and flask.request, as finish() has them."""
     ticket = ctx.get("ticket")
     if ticket is not None and ticket.hold is not None:
         return
+    path = req.path
     key = ctx.get("api_key")
     route = ticket.route if ticket is not None else path
-    level = logging.DEBUG if path == "/health" and status == 200 else logging.INFO
+    level = logging.DEBUG if path == "/health" and resp.status_code == 200 else logging.INFO
     request_log.log(level, "request_id=%s key=%s route=%s model=%s status=%s error=%s", ctx.get("request_id", "-"),
                     key.prefix if key is not None else "-", route, (ticket.model if ticket is not None else "") or "-",
-                    status, ctx.get("error_code") or "-")
+                    resp.status_code, ctx.get("error_code") or "-")
 
 
 def register(app: Flask) -> None:

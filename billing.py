@@ -587,11 +587,6 @@ class Ticket:
     settled: bool = False
     charged: int = 0
     held_at: float = 0.0
-    # The settled request's log line and metrics, kept for after the answer is sent while defer_report is True
-    # (auth.finish hands them to the response's close; a stream, settled after that hook ran, reports at once).
-    # The books are written before the answer either way; only the report waits, off the client's latency.
-    defer_report: bool = False
-    report: Callable[[], None] | None = None
 
     def take_hold(self, planner: Callable[[int], tuple[int, Any]]) -> Hold:
         import metrics  # here, not at the top: config imports billing in gunicorn's master, before gevent patches
@@ -711,21 +706,13 @@ class Ticket:
             return 0
         main = self.charges[-1]
         self.charged = sum(c.cost - c.uncollected for c in self.charges)
-        seconds = time.monotonic() - self.held_at
-
-        def report() -> None:
-            metrics.record_settlement(self.route, self.model, seconds,  # metrics hook
-                                      sum(c.prompt_tokens for c in self.charges),
-                                      sum(c.completion_tokens for c in self.charges), self.charged)
-            request_log.info("request_id=%s key=%s route=%s model=%s status=%s prompt_tokens=%s "
-                             "completion_tokens=%s units=%s cost=%s uncollected=%s latency_ms=%s", self.request_id,
-                             self.key.prefix, self.route, self.model, status, main.prompt_tokens,
-                             main.completion_tokens, main.units, format_credits(self.charged),
-                             format_credits(main.uncollected), main.latency_ms)
-        if self.defer_report:
-            self.report = report
-        else:
-            report()
+        metrics.record_settlement(self.route, self.model, time.monotonic() - self.held_at,  # metrics hook
+                                  sum(c.prompt_tokens for c in self.charges),
+                                  sum(c.completion_tokens for c in self.charges), self.charged)
+        request_log.info("request_id=%s key=%s route=%s model=%s status=%s prompt_tokens=%s completion_tokens=%s "
+                         "units=%s cost=%s uncollected=%s latency_ms=%s", self.request_id, self.key.prefix,
+                         self.route, self.model, status, main.prompt_tokens, main.completion_tokens, main.units,
+                         format_credits(self.charged), format_credits(main.uncollected), main.latency_ms)
         return self.charged
 
     @contextmanager

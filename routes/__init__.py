@@ -23,8 +23,7 @@ MAX_JSON_DEPTH = 200
 def ticket(route: str) -> Ticket:
     """The request's bill, kept on flask.g so that auth's after_request hook can log a request that took no hold."""
     ctx = g._get_current_object()  # one context-local lookup, not four
-    ctx.ticket = t = Ticket(current_app.config["GATEWAY"], ctx.api_key, ctx.request_id, route, "",
-                            defer_report=True)  # auth.finish reports it after the answer is sent
+    ctx.ticket = t = Ticket(current_app.config["GATEWAY"], ctx.api_key, ctx.request_id, route, "")
     return t
 
 
