@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import math
 import os
+import threading
 import time
 from typing import NamedTuple
 
@@ -112,17 +113,20 @@ class RedisCounter(Counter):
         self.uri = uri
         self._pid = 0
         self._script = None
+        # Greenlets that arrive together at a worker's start wait for the first one's client instead of each
+        # making (and dropping) a client, a connection and a SCRIPT LOAD of their own.
+        self._lock = threading.Lock()
 
     def _get_script(self):  # made after fork: a worker must not share the master's sockets
         if self._pid != os.getpid():
-            import redis
+            with self._lock:
+                if self._pid != os.getpid():
+                    import redis
 
-            client = redis.Redis.from_url(self.uri)
-            script = client.register_script(_LUA_FIXED)
-            # Loaded before first use, so no request's EVALSHA meets NOSCRIPT; greenlets that arrive together at
-            # a worker's start may each load it (idempotent) before it is published.
-            client.script_load(_LUA_FIXED)
-            self._script, self._pid = script, os.getpid()
+                    client = redis.Redis.from_url(self.uri)
+                    script = client.register_script(_LUA_FIXED)
+                    client.script_load(_LUA_FIXED)  # before first use: no request's EVALSHA meets NOSCRIPT
+                    self._script, self._pid = script, os.getpid()
         return self._script
 
     def hit(self, key: str, limits: list[tuple[int, int]]) -> list[Window]:
