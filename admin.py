@@ -237,24 +237,25 @@ def create_key(body: dict) -> tuple[dict, str]:
 
 def update_key(key_id: int, body: dict) -> dict:
     changes = parse_changes(body, keys.UPDATABLE)
+    return _changed(key_id, "changed", lambda conn: keys.update(conn, key_id, changes))
+
+
+def _changed(key_id: int, verb: str, work: Callable[[sqlite3.Connection], sqlite3.Row]) -> dict:
+    """The key's document after work (which returns its row), or 404 for no such key and 400 naming what was
+    wrong with the change: the one mapping update, top-up and correction share."""
     try:
-        return key_doc(run(lambda conn: keys.update(conn, key_id, changes)))
+        return key_doc(run(work))
     except LookupError:
         raise NotFoundError(f"There is no key with id {key_id}.", code="key_not_found") from None
     except ValueError as exc:
-        raise BadRequestError(f"Key {key_id} was not changed: {exc}.", code="invalid_value") from None
+        raise BadRequestError(f"Key {key_id} was not {verb}: {exc}.", code="invalid_value") from None
 
 
 def topup_key(key_id: int, amount: int) -> dict:
     def work(conn: sqlite3.Connection) -> sqlite3.Row:
         keys.topup(conn, key_id, amount)
         return keys.get(conn, key_id)
-    try:
-        return key_doc(run(work))
-    except LookupError:
-        raise NotFoundError(f"There is no key with id {key_id}.", code="key_not_found") from None
-    except ValueError as exc:
-        raise BadRequestError(f"Key {key_id} was not topped up: {exc}.", code="invalid_value") from None
+    return _changed(key_id, "topped up", work)
 
 
 def correct_key(key_id: int, amount: int, reason: Any) -> dict:
@@ -265,12 +266,7 @@ def correct_key(key_id: int, amount: int, reason: Any) -> dict:
     def work(conn: sqlite3.Connection) -> sqlite3.Row:
         billing.correct(conn, key_id, amount, reason)
         return keys.get(conn, key_id)
-    try:
-        return key_doc(run(work))
-    except LookupError:
-        raise NotFoundError(f"There is no key with id {key_id}.", code="key_not_found") from None
-    except ValueError as exc:
-        raise BadRequestError(f"Key {key_id} was not corrected: {exc}.", code="invalid_value") from None
+    return _changed(key_id, "corrected", work)
 
 
 def revoke_key(key_id: int) -> dict:

@@ -1,10 +1,11 @@
 """The operator's commands: `flask --app app keys create|list|topup|revoke`, `usage`, `audit`, `init-db`."""
 from __future__ import annotations
 
+import contextlib
 import functools
 import sqlite3
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from datetime import datetime
 from typing import Any
 
@@ -18,6 +19,18 @@ import policies
 
 # Key ids are SQLite integers; a larger number would overflow the query instead of finding no key.
 _KEY_ID = click.IntRange(min=1, max=2**63 - 1)
+
+
+@contextlib.contextmanager
+def _refused(what: str) -> Iterator[None]:
+    """A change to a key that failed, as one sentence starting with what was not done: an unknown id (with where
+    the ids are) or a value the books refuse."""
+    try:
+        yield
+    except LookupError as exc:
+        raise click.ClickException(f"{what}: {exc}; `keys list` shows the ids.") from None
+    except ValueError as exc:
+        raise click.ClickException(f"{what}: {exc}.") from None
 
 
 def _credits(value: str, what: str, fix: str) -> int:
@@ -145,14 +158,8 @@ def register(app: Flask) -> None:
         """Add AMOUNT credits to key KEY_ID."""
         nano = _credits(amount, f"Key {key_id} was not topped up", "give an amount from 0 to "
                         f"{billing.MAX_CREDITS} with at most 9 decimals, such as 5 or 0.5")
-        with db.cli_connection(_db()) as conn:
-            try:
-                balance = keys.topup(conn, key_id, nano)
-            except LookupError as exc:
-                raise click.ClickException(f"Key {key_id} was not topped up: {exc}; `keys list` shows the ids.") \
-                    from None
-            except ValueError as exc:
-                raise click.ClickException(f"Key {key_id} was not topped up: {exc}.") from None
+        with db.cli_connection(_db()) as conn, _refused(f"Key {key_id} was not topped up"):
+            balance = keys.topup(conn, key_id, nano)
         click.echo(f"Key {key_id} now has {billing.format_credits(balance)} credits.")
 
     @group.command("update")
@@ -178,13 +185,8 @@ def register(app: Flask) -> None:
                 changes[flag] = int(text) if text else None
         if not changes:
             raise click.ClickException(f"{what}: give at least one option to change; see --help.")
-        with db.cli_connection(_db()) as conn:
-            try:
-                keys.update(conn, key_id, changes)
-            except LookupError as exc:
-                raise click.ClickException(f"{what}: {exc}; `keys list` shows the ids.") from None
-            except ValueError as exc:
-                raise click.ClickException(f"{what}: {exc}.") from None
+        with db.cli_connection(_db()) as conn, _refused(what):
+            keys.update(conn, key_id, changes)
         click.echo(f"Key {key_id} updated: {', '.join(sorted(changes))}.")
 
     @group.command("correct")
@@ -196,13 +198,8 @@ def register(app: Flask) -> None:
         """Take AMOUNT credits back from key KEY_ID, as a ledger correction with a reason."""
         what = f"Key {key_id} was not corrected"
         nano = _credits(amount, what, "give an amount with at most 9 decimals, such as 0.5")
-        with db.cli_connection(_db()) as conn:
-            try:
-                balance = billing.correct(conn, key_id, nano, reason)
-            except LookupError as exc:
-                raise click.ClickException(f"{what}: {exc}; `keys list` shows the ids.") from None
-            except ValueError as exc:
-                raise click.ClickException(f"{what}: {exc}.") from None
+        with db.cli_connection(_db()) as conn, _refused(what):
+            balance = billing.correct(conn, key_id, nano, reason)
         click.echo(f"Key {key_id} now has {billing.format_credits(balance)} credits.")
 
     @group.command("revoke")
