@@ -173,17 +173,10 @@ def test_bad_json_route_method_and_size(gateway, key):
     r = requests.get(f"{gateway.base_url}/chat/completions", headers=auth)
     assert r.status_code == 405 and validate("ErrorResponse", r.json()) == []
     # Content-Length says 30 MiB but only the headers are sent: the 413 comes before any body is read.
-    with socket.create_connection(("127.0.0.1", gateway.port), timeout=5) as s:
-        s.sendall((f"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {key[1]}\r\n"
-                   f"Content-Type: application/json\r\nContent-Length: {30 << 20}\r\n\r\n").encode())
-        data = b""
-        while b"\r\n\r\n" not in data or len(data.partition(b"\r\n\r\n")[2]) < _content_length(data):
-            chunk = s.recv(65536)
-            if not chunk:
-                break
-            data += chunk
-        head, _, body = data.partition(b"\r\n\r\n")
-    assert head.startswith(b"HTTP/1.1 413")
+    head, body = _exchange(gateway.port, (f"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer "
+                                          f"{key[1]}\r\nContent-Type: application/json\r\n"
+                                          f"Content-Length: {30 << 20}\r\n\r\n").encode(), timeout=5)
+    assert head[0].startswith(b"HTTP/1.1 413")
     assert validate("ErrorResponse", json.loads(body)) == []
 
 
@@ -230,9 +223,10 @@ def test_long_stream_without_usage_is_charged_its_exact_count(gateway, count_tok
     assert row["completion_tokens"] == count_tokens(delivered)
 
 
-def _exchange(port: int, request: bytes, half_close: bool = False) -> tuple[list[bytes], bytes]:
+def _exchange(port: int, request: bytes, half_close: bool = False,
+              timeout: float = 10) -> tuple[list[bytes], bytes]:
     """One request on a raw socket; the answer's head lines and its body (read to its Content-Length)."""
-    with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
+    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as s:
         s.sendall(request)
         if half_close:
             s.shutdown(socket.SHUT_WR)
