@@ -72,15 +72,20 @@ def call(upstream: UpstreamConfig, path: str, body: dict) -> dict:
     try:
         if resp.status_code != 200:
             raise parse_error(upstream, resp)
-        try:
-            doc = json.loads(resp.content)
-        except ValueError:
-            raise UpstreamError(f"The upstream '{upstream.name}' sent an answer that is not JSON.") from None
-        if not isinstance(doc, dict):
-            raise UpstreamError(f"The upstream '{upstream.name}' sent an answer that is not a JSON object.")
-        return doc
+        return _json_object(upstream, resp.content)
     finally:
         resp.close()
+
+
+def _json_object(upstream: UpstreamConfig, content: bytes) -> dict:
+    """An upstream's 200 answer as a JSON object, or the 502 that says it was not one."""
+    try:
+        doc = json.loads(content)
+    except ValueError:
+        raise UpstreamError(f"The upstream '{upstream.name}' sent an answer that is not JSON.") from None
+    if not isinstance(doc, dict):
+        raise UpstreamError(f"The upstream '{upstream.name}' sent an answer that is not a JSON object.")
+    return doc
 
 
 def open_stream(upstream: UpstreamConfig, path: str, body: dict, accept: str = "text/event-stream") -> Reply:
@@ -437,14 +442,7 @@ class OpenAIProvider:
             if resp.status_code != 200:
                 raise parse_error(upstream, resp)
             kind = resp.headers.get("Content-Type") or "application/json"
-            doc = None
-            if "json" in kind:
-                try:
-                    doc = json.loads(resp.content)
-                except ValueError:
-                    raise UpstreamError(f"The upstream '{upstream.name}' sent JSON that does not parse.") from None
-                if not isinstance(doc, dict):
-                    raise UpstreamError(f"The upstream '{upstream.name}' sent an answer that is not a JSON object.")
+            doc = _json_object(upstream, resp.content) if "json" in kind else None
             return TranscriptionResult(body=resp.content, content_type=kind, doc=doc)
         finally:
             resp.close()
