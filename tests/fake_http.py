@@ -2,6 +2,7 @@
 stopped in a background thread (or as a context manager). Each fake supplies only its request handler."""
 from __future__ import annotations
 
+import json
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, Self
@@ -18,6 +19,29 @@ class FakeServer(ThreadingHTTPServer):
         self.requests: list[dict] = []
         self.disconnects = 0
         self.released: set[str] = set()  # words a test has released (FakeUpstream.release)
+
+
+class FakeHandler(BaseHTTPRequestHandler):
+    """A fake's request handler: HTTP/1.1 keep-alive, quiet, and its answers written whole."""
+
+    protocol_version = "HTTP/1.1"
+    disable_nagle_algorithm = True  # headers and body go out as two writes; Nagle would hold the second 40 ms
+    server: FakeServer
+
+    def log_message(self, *args: Any) -> None:
+        pass
+
+    def _send(self, status: int, data: bytes, content_type: str, headers: dict[str, str] | None = None) -> None:
+        self.send_response(status)
+        self.send_header("Content-Type", content_type)
+        self.send_header("Content-Length", str(len(data)))
+        for k, v in (headers or {}).items():
+            self.send_header(k, v)
+        self.end_headers()
+        self.wfile.write(data)
+
+    def _json(self, status: int, doc: Any, headers: dict[str, str] | None = None) -> None:
+        self._send(status, json.dumps(doc).encode(), "application/json", headers)
 
 
 class FakeUpstream:

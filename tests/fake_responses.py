@@ -21,10 +21,9 @@ import argparse
 import json
 import re
 import time
-from http.server import BaseHTTPRequestHandler
 from typing import Any
 
-from tests.fake_http import FakeServer, FakeUpstream
+from tests.fake_http import FakeHandler, FakeUpstream
 
 REPLY_WORDS = ["Hello ", "from ", "Responses", "!", " more", " words"]
 
@@ -42,24 +41,7 @@ def _last_text(body: dict) -> str:
     return ""
 
 
-class _Handler(BaseHTTPRequestHandler):
-    protocol_version = "HTTP/1.1"
-    disable_nagle_algorithm = True
-    server: FakeServer
-
-    def log_message(self, *args: Any) -> None:
-        pass
-
-    def _json(self, status: int, doc: Any, headers: dict[str, str] | None = None) -> None:
-        data = json.dumps(doc).encode()
-        self.send_response(status)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(data)))
-        for k, v in (headers or {}).items():
-            self.send_header(k, v)
-        self.end_headers()
-        self.wfile.write(data)
-
+class _Handler(FakeHandler):
     def _error(self, status: int, message: str, type_: str, code: str | None = None, param: str | None = None,
                headers: dict[str, str] | None = None) -> None:
         self._json(status, {"error": {"message": message, "type": type_, "param": param, "code": code}}, headers)

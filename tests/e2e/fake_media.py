@@ -24,10 +24,9 @@ import math
 import re
 import struct
 import wave
-from http.server import BaseHTTPRequestHandler
 from typing import Any
 
-from tests.fake_http import FakeServer, FakeUpstream
+from tests.fake_http import FakeHandler, FakeUpstream
 
 TRANSCRIPT = "The quick brown fox jumps over the lazy dog."
 AUDIO_TYPES = {"mp3": "audio/mpeg", "opus": "audio/opus", "aac": "audio/aac", "flac": "audio/flac",
@@ -82,24 +81,7 @@ def _stamp(seconds: float, sep: str) -> str:
     return f"{ms // 3600000:02d}:{ms // 60000 % 60:02d}:{ms // 1000 % 60:02d}{sep}{ms % 1000:03d}"
 
 
-class _Handler(BaseHTTPRequestHandler):
-    protocol_version = "HTTP/1.1"
-    disable_nagle_algorithm = True
-    server: FakeServer
-
-    def log_message(self, *args: Any) -> None:
-        pass
-
-    def _send(self, status: int, data: bytes, content_type: str) -> None:
-        self.send_response(status)
-        self.send_header("Content-Type", content_type)
-        self.send_header("Content-Length", str(len(data)))
-        self.end_headers()
-        self.wfile.write(data)
-
-    def _json(self, status: int, doc: Any) -> None:
-        self._send(status, json.dumps(doc).encode(), "application/json")
-
+class _Handler(FakeHandler):
     def _error(self, status: int, message: str, param: str | None = None) -> None:
         type_ = "invalid_request_error" if status < 500 else "server_error"
         self._json(status, {"error": {"message": message, "type": type_, "param": param, "code": None}})
