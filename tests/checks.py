@@ -2,11 +2,20 @@
 from __future__ import annotations
 
 import base64
+import json
 import time
 
 import requests
 
 from tests.conformance.validate import validate
+
+
+def sse_error(text: str) -> dict:
+    """The error object of the error event at the end of a relayed stream."""
+    events = [json.loads(line[6:]) for line in text.splitlines()
+              if line.startswith("data: ") and line != "data: [DONE]"]
+    assert events and "error" in events[-1], text[-500:]
+    return events[-1]["error"]
 
 
 def assert_free(gw, key_id: int, funded: int, status: int) -> None:

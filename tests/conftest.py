@@ -19,6 +19,17 @@ from tests.fake_gemini import FakeGemini  # noqa: E402
 from tests.fake_lyria import FakeLyria  # noqa: E402
 from tests.fake_openai import FakeOpenAI  # noqa: E402
 
+# The smallest valid config.toml: one upstream and one model (the config tests change it one line at a time).
+MINIMAL_CONFIG = """
+[upstreams.u]
+kind = "openai"
+base_url = "http://127.0.0.1:1/v1"
+api_key_env = "X"
+[models."m"]
+upstream = "u"
+input_price = 0.075
+output_price = 0.3
+"""
 UPSTREAM_KEY = "sk-upstream-test"
 GEMINI_KEY = "gemini-test-key"
 GUNICORN = str(Path(sys.executable).with_name("gunicorn"))

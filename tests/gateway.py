@@ -67,6 +67,17 @@ class Books:
         finally:
             conn.close()
 
+    def ledger(self, key_id: int, *columns: str) -> list[tuple]:
+        """The key's ledger rows in order, as tuples of the named columns (kind, amount, reason, ...)."""
+        assert columns and all(c.isidentifier() for c in columns), columns  # column names only, never a value
+        names = ", ".join(columns)
+        conn = self.db()
+        try:
+            return [tuple(r) for r in conn.execute(f"SELECT {names} FROM ledger WHERE key_id = ? ORDER BY id",
+                                                   (key_id,))]
+        finally:
+            conn.close()
+
     def open_holds(self, key_id: int) -> int:
         conn = self.db()
         try:

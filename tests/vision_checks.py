@@ -69,15 +69,6 @@ def has_image_part(body: dict) -> bool:
     return "image_url" in json.dumps(body["messages"])
 
 
-def ledger(gw, key_id: int) -> list[tuple[str, int]]:
-    conn = gw.db()
-    try:
-        return [tuple(r) for r in conn.execute("SELECT kind, amount FROM ledger WHERE key_id = ? ORDER BY id",
-                                               (key_id,))]
-    finally:
-        conn.close()
-
-
 def assert_refused_for_free(gw, fake_openai, body: dict, reason: str, code: str = "invalid_image_url",
                             param: str = "messages[1].content[1]", after_hold: bool = False) -> dict:
     """A 400 that costs nothing and reaches no upstream. Refused before the hold: no usage row at all; refused
@@ -93,6 +84,6 @@ def assert_refused_for_free(gw, fake_openai, body: dict, reason: str, code: str 
     assert gw.balance(key_id) == NANO and gw.open_holds(key_id) == 0
     rows = [(row["cost"], row["status"], row["uncollected"]) for row in gw.usage(key_id)]
     assert rows == ([(0, 400, 0)] if after_hold else [])
-    assert ledger(gw, key_id) == [("grant", NANO)] + ([("charge", 0)] if after_hold else [])
+    assert gw.ledger(key_id, "kind", "amount") == [("grant", NANO)] + ([("charge", 0)] if after_hold else [])
     assert len(fake_openai.requests) == sent  # no upstream saw it, not even the bridge
     return err

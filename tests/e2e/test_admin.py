@@ -32,15 +32,6 @@ def api(gw: Gateway, method: str, path: str, **kw) -> requests.Response:
                             timeout=10, **kw)
 
 
-def ledger(gw: Gateway, key_id: int) -> list[tuple]:
-    conn = gw.db()
-    try:
-        return [tuple(r) for r in conn.execute("SELECT kind, amount, reason FROM ledger WHERE key_id = ? ORDER BY id",
-                                               (key_id,))]
-    finally:
-        conn.close()
-
-
 def audit_ok(gw: Gateway) -> None:
     doc = api(gw, "GET", "/audit").json()
     assert doc["ok"] is True and doc["mismatches"] == [], doc
@@ -108,7 +99,7 @@ def test_key_lifecycle_through_the_api(gw):
     r = api(gw, "POST", f"/keys/{key_id}/correct", json={"credits": "0.5", "reason": "refund reversed"})
     assert r.status_code == 200 and r.json()["balance_nano"] == one["balance_nano"] + 500_000_000
     assert gw.balance(key_id) == one["balance_nano"] + 500_000_000
-    kinds = ledger(gw, key_id)
+    kinds = gw.ledger(key_id, "kind", "amount", "reason")
     assert kinds[0] == ("grant", 2_500_000_000, None)
     assert kinds[-2:] == [("topup", 10**9, None), ("correction", -500_000_000, "refund reversed")]
     assert sum(a for _, a, _ in kinds) == gw.balance(key_id)
@@ -162,7 +153,7 @@ def test_bad_bodies_and_unknown_keys(gw):
     assert r.status_code == 400 and "at most" in r.json()["error"]["message"]
     r = api(gw, "POST", f"/keys/{key_id}/correct", json={"credits": "0.5"})
     assert r.status_code == 400 and r.json()["error"]["param"] == "reason"
-    assert gw.balance(key_id) == 10**9 and ledger(gw, key_id) == [("grant", 10**9, None)]
+    assert gw.balance(key_id) == 10**9 and gw.ledger(key_id, "kind", "amount", "reason") == [("grant", 10**9, None)]
     r = api(gw, "POST", f"/keys/{key_id}/topup", json={"credits": "1000000000"})
     assert r.status_code == 400 and gw.balance(key_id) == 10**9
 
@@ -212,7 +203,7 @@ def test_cli_and_api_change_keys_through_the_same_functions(gw):
     assert doc["monthly_cap"] == "3" and doc["allowed_models"] is None
     r = gw.flask("keys", "correct", str(key_id), "0.5", "--reason", "test")
     assert r.returncode == 0, r.stderr
-    assert ledger(gw, key_id)[-1] == ("correction", -500_000_000, "test")
+    assert gw.ledger(key_id, "kind", "amount", "reason")[-1] == ("correction", -500_000_000, "test")
     r = gw.flask("keys", "update", str(key_id), "--daily-cap", "-1")
     assert r.returncode != 0 and "daily" in r.stderr.lower()
 

@@ -7,27 +7,23 @@ from pathlib import Path
 
 import pytest
 
+from tests.conftest import MINIMAL_CONFIG as GOOD
+from tests.conftest import ROOT
 from tests.gateway import flask_in_process
 
-ROOT = Path(__file__).resolve().parents[2]
-GOOD = """
-[upstreams.u]
-kind = "openai"
-base_url = "http://127.0.0.1:1/v1"
-api_key_env = "X"
-[models."m"]
-upstream = "u"
-input_price = 0.075
-output_price = 0.3
-"""
+
+def start_server(config_path: Path) -> subprocess.CompletedProcess:
+    """gunicorn as `make serve` runs it, with this config; it is expected to refuse to start."""
+    gunicorn = str(Path(sys.executable).with_name("gunicorn"))
+    return subprocess.run([gunicorn, "-c", "gunicorn.conf.py", "app:create_app()"], cwd=ROOT, capture_output=True,
+                          text=True, timeout=60,
+                          env={"GATEWAY_CONFIG": str(config_path), "PORT": "1", "PATH": "/usr/bin:/bin"})
 
 
 def test_server_refuses_to_start_with_one_sentence(tmp_path):
     bad = tmp_path / "config.toml"
     bad.write_text(GOOD + "[server]\nmax_body_bytes = \"big\"\n")
-    gunicorn = str(Path(sys.executable).with_name("gunicorn"))
-    done = subprocess.run([gunicorn, "-c", "gunicorn.conf.py", "app:create_app()"], cwd=ROOT, capture_output=True,
-                          text=True, timeout=60, env={"GATEWAY_CONFIG": str(bad), "PORT": "1", "PATH": "/usr/bin:/bin"})
+    done = start_server(bad)
     assert done.returncode != 0
     assert "gateway: [server].max_body_bytes must be a whole number" in done.stderr
     assert "Traceback" not in done.stderr
@@ -38,9 +34,7 @@ def test_server_start_refused_with_one_sentence(tmp_path, setting):
     (tmp_path / "f").write_text("a file, not a directory")
     bad = tmp_path / "config.toml"
     bad.write_text(GOOD + "[server]\n" + setting.format(tmp=tmp_path) + "\n")
-    gunicorn = str(Path(sys.executable).with_name("gunicorn"))
-    done = subprocess.run([gunicorn, "-c", "gunicorn.conf.py", "app:create_app()"], cwd=ROOT, capture_output=True,
-                          text=True, timeout=60, env={"GATEWAY_CONFIG": str(bad), "PORT": "1", "PATH": "/usr/bin:/bin"})
+    done = start_server(bad)
     assert done.returncode != 0
     assert "gateway: [server]." in done.stderr
     assert "Traceback" not in done.stderr

@@ -9,7 +9,7 @@ import time
 import pytest
 import requests
 
-from tests.checks import assert_free
+from tests.checks import assert_free, sse_error
 
 NANO = 10**9
 
@@ -17,14 +17,6 @@ NANO = 10**9
 def _post(gw, secret: str, path: str, body: dict, **kw) -> requests.Response:
     return requests.post(f"{gw.base_url}/{path}", headers={"Authorization": f"Bearer {secret}"}, json=body,
                          timeout=60, **kw)
-
-
-def _sse_error(text: str) -> dict:
-    """The error object of the error event at the end of a relayed stream."""
-    events = [json.loads(line[6:]) for line in text.splitlines()
-              if line.startswith("data: ") and line != "data: [DONE]"]
-    assert events and "error" in events[-1], text[-500:]
-    return events[-1]["error"]
 
 
 # The upstream key never reaches a client.
@@ -56,7 +48,7 @@ def test_an_unending_event_is_a_502_while_health_stays_fast(gateway):
     finally:
         done.set()
         prober.join()
-    error = _sse_error(text)
+    error = sse_error(text)
     assert error["code"] == "upstream_error" and "larger than" in error["message"]
     assert elapsed < 15  # stopped at the 4 MiB cap, not after 30 MiB (60 MiB got the worker killed before)
     assert max(worst) < 1.5, worst  # 10 MiB used to stall /health for 2 s

@@ -28,15 +28,6 @@ def cost(p: int, c: int, cached: int = 0, inp: str = "0.40", out: str = "1.60", 
     return int(exact.to_integral_value(rounding=ROUND_CEILING))
 
 
-def ledger(gw: Gateway, key_id: int) -> list[tuple[int, str]]:
-    conn = gw.db()
-    try:
-        return [tuple(r) for r in conn.execute("SELECT amount, kind FROM ledger WHERE key_id = ? ORDER BY id",
-                                               (key_id,))]
-    finally:
-        conn.close()
-
-
 def post(gw: Gateway, secret: str, body: dict) -> requests.Response:
     return requests.post(f"{gw.base_url}/chat/completions", headers={"Authorization": f"Bearer {secret}"},
                          json=body, timeout=30)
@@ -48,7 +39,7 @@ def events(text: str) -> list[dict]:
 
 def assert_books(gw: Gateway, key_id: int, opening: int, charged: int) -> None:
     assert gw.balance(key_id) == opening - charged
-    assert ledger(gw, key_id) == [(opening, "grant"), (-charged, "charge")]
+    assert gw.ledger(key_id, "amount", "kind") == [(opening, "grant"), (-charged, "charge")]
     assert gw.open_holds(key_id) == 0
 
 
@@ -147,7 +138,7 @@ def test_usage_chunk_shows_the_cost_actually_charged(gateway):
     [row] = gateway.usage(key_id)
     assert row["cost"] == cost(10, 1000) and row["uncollected"] == cost(10, 1000) - 200_000
     assert gateway.balance(key_id) == 0 and gateway.open_holds(key_id) == 0
-    assert ledger(gateway, key_id) == [(200_000, "grant"), (-200_000, "charge")]
+    assert gateway.ledger(key_id, "amount", "kind") == [(200_000, "grant"), (-200_000, "charge")]
 
 
 # --- malformed answers and hostile input ------------------------------------------------------------------------
@@ -161,7 +152,8 @@ def test_malformed_plain_choices_are_502_and_free(gateway, word, usage):
     assert r.json()["error"]["type"] == "api_error" and "upstream" in r.json()["error"]["message"]
     [row] = gateway.usage(key_id)
     assert row["status"] == 502 and row["cost"] == 0
-    assert gateway.balance(key_id) == NANO and ledger(gateway, key_id) == [(NANO, "grant"), (0, "charge")]
+    assert gateway.balance(key_id) == NANO
+    assert gateway.ledger(key_id, "amount", "kind") == [(NANO, "grant"), (0, "charge")]
     assert gateway.open_holds(key_id) == 0
 
 
@@ -216,7 +208,7 @@ def test_a_settlement_that_keeps_failing_returns_the_hold(gateway):
         conn.close()
     assert r.status_code == 200 and r.headers["x-credits-charged"] == "0"
     assert gateway.balance(key_id) == NANO and gateway.open_holds(key_id) == 0
-    assert gateway.usage(key_id) == [] and ledger(gateway, key_id) == [(NANO, "grant")]
+    assert gateway.usage(key_id) == [] and gateway.ledger(key_id, "amount", "kind") == [(NANO, "grant")]
     assert "could not be settled" in gateway.log() and "injected settlement failure" in gateway.log()
     assert gateway.flask("audit").returncode == 0
 

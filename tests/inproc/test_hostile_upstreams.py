@@ -9,7 +9,7 @@ import openai
 import pytest
 import requests
 
-from tests.checks import assert_free
+from tests.checks import assert_free, sse_error
 from tests.conftest import GEMINI_KEY, UPSTREAM_KEY
 
 NANO = 10**9
@@ -31,14 +31,6 @@ def assert_log_clean(log: str) -> None:
 def _post(gw, secret: str, path: str, body: dict, **kw) -> requests.Response:
     return gw.http.post(f"{gw.base_url}/{path}", headers={"Authorization": f"Bearer {secret}"}, json=body,
                          timeout=60, **kw)
-
-
-def _sse_error(text: str) -> dict:
-    """The error object of the error event at the end of a relayed stream."""
-    events = [json.loads(line[6:]) for line in text.splitlines()
-              if line.startswith("data: ") and line != "data: [DONE]"]
-    assert events and "error" in events[-1], text[-500:]
-    return events[-1]["error"]
 
 
 # The upstream key never reaches a client.
@@ -67,7 +59,7 @@ def test_echoed_key_is_scrubbed_from_a_midstream_error_event(gateway):
     r = _post(gateway, secret, "chat/completions",
               {"model": "gpt-test", "stream": True, "messages": [{"role": "user", "content": "hi [echo-midstream]"}]})
     assert r.status_code == 200
-    error = _sse_error(r.text)
+    error = sse_error(r.text)
     assert error["code"] == "upstream_error" and "[redacted]" in error["message"]
     assert len(error["message"]) <= 600
     assert "tok0" in r.text  # what came before the error was relayed

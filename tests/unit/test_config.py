@@ -3,23 +3,12 @@ from __future__ import annotations
 
 import tomllib
 from decimal import Decimal
-from pathlib import Path
 
 import pytest
 
 import config
-
-ROOT = Path(__file__).resolve().parents[2]
-GOOD = """
-[upstreams.u]
-kind = "openai"
-base_url = "http://127.0.0.1:1/v1"
-api_key_env = "X"
-[models."m"]
-upstream = "u"
-input_price = 0.075
-output_price = 0.3
-"""
+from tests.conftest import MINIMAL_CONFIG as GOOD
+from tests.conftest import ROOT
 
 
 def parse(text: str) -> config.Config:
