@@ -99,7 +99,7 @@ def run(work: Callable[[sqlite3.Connection], T]) -> T:
             return work(conn)
         finally:
             conn.close()
-    pid = os.getpid()
+    pid = db.pid()
     if not _pool or _pool[0][0] != pid:
         _pool[:] = [(pid, ThreadPool(1))]
     return _pool[0][1].apply(call)

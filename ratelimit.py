@@ -17,13 +17,13 @@ part of the counter's name, so changing a key's limit starts a fresh window.
 from __future__ import annotations
 
 import math
-import os
 import threading
 import time
 from typing import NamedTuple
 
 from flask import Flask, Response, current_app, g
 
+import db
 import metrics
 from errors import ConfigError, GatewayError, RateLimitError
 
@@ -118,15 +118,15 @@ class RedisCounter(Counter):
         self._lock = threading.Lock()
 
     def _get_script(self):  # made after fork: a worker must not share the master's sockets
-        if self._pid != os.getpid():
+        if self._pid != db.pid():
             with self._lock:
-                if self._pid != os.getpid():
+                if self._pid != db.pid():
                     import redis
 
                     client = redis.Redis.from_url(self.uri)
                     script = client.register_script(_LUA_FIXED)
                     client.script_load(_LUA_FIXED)  # before first use: no request's EVALSHA meets NOSCRIPT
-                    self._script, self._pid = script, os.getpid()
+                    self._script, self._pid = script, db.pid()
         return self._script
 
     def hit(self, key: str, limits: list[tuple[int, int]]) -> list[Window]:
