@@ -191,7 +191,7 @@ def table(r: dict) -> str:
     return "\n".join(lines)
 
 
-PEER_ORDER = ("gateway", "portkey", "litellm_w1", "litellm_w2")
+PEER_ORDER = ("gateway", "floor_stack", "floor_upstream", "portkey", "litellm_w1", "litellm_w2")
 
 
 def _ratio(a, b) -> str:
@@ -259,7 +259,8 @@ def peers_markdown(r: dict) -> str:
                 f"fake upstream alone at {d16['rps']:,.0f} req/s, {d16['rps'] / fastest:.0f} times the fastest "
                 "server above."]
     gw = next((row for row in rows if row["server"] == "gateway"), None)
-    others = [row for row in rows if row["server"] != "gateway" and row["rps_16"] is not None]
+    floors = [row for row in rows if row["server"].startswith("floor_") and row["cpu_ms_16"] is not None]
+    others = [row for row in rows if row["server"] != "gateway" and row not in floors and row["rps_16"] is not None]
     if gw and others:
         out += ["", "| gateway / peer | req/s, 16 conns (higher is better) | CPU per request, 16 conns (lower is "
                 "better) | added p50, 1 conn (lower is better) | added p99, 1 conn |", "|---|---|---|---|---|"]
@@ -268,6 +269,12 @@ def peers_markdown(r: dict) -> str:
                        f"| {_ratio(gw['cpu_ms_16'], row['cpu_ms_16'])} "
                        f"| {_ratio(gw['added_p50_ms'], row['added_p50_ms'])} "
                        f"| {_ratio(gw['added_p99_ms'], row['added_p99_ms'])} |")
+    portkey = next((row for row in others if row["server"] == "portkey"), None)
+    if floors and portkey and portkey["cpu_ms_16"]:
+        out += ["", "The stack's floor against Portkey's CPU per request at 16 connections (no key, limit, hold, "
+                "settlement or log line; bench/floor_app.py): "
+                + "; ".join(f"{row['label'].removeprefix('floor: ')}: {_ratio(row['cpu_ms_16'], portkey['cpu_ms_16'])}"
+                            for row in floors) + "."]
     w1, w2 = runs.get("plain_gateway_16_redis_w1"), runs.get("plain_gateway_16_redis_w2")
     if w1 and w2:
         out += ["", f"Gateway, 16 connections with Redis limits: {w2['rps']:,.0f} req/s with 2 workers against "

@@ -47,6 +47,9 @@ import keys  # noqa: E402
 
 MODEL = "gpt-4.1-mini"
 UPSTREAM_KEY = "sk-bench-upstream"
+# bench/floor_app.py's modes, run after the gateway in the peers step: the stack's cost before any gateway work.
+FLOORS = {"stack": "floor: gunicorn + Flask alone (the gateway's app, answered by a first hook)",
+          "upstream": "floor: the same + one upstream call (providers/http)"}
 PLAIN = json.dumps({"model": MODEL, "messages": [{"role": "user", "content": "Say hello in 5 words."}]})
 GUNICORN = str(Path(sys.executable).with_name("gunicorn"))
 
@@ -60,7 +63,7 @@ class Gateway:
     """One gunicorn + gevent gateway on a free port, with its own config copy and database in a temp dir."""
 
     def __init__(self, bench: Bench, name: str, workers: int = 1, limits: tuple[str, str] | None = None,
-                 stall_monitor: bool = False) -> None:
+                 stall_monitor: bool = False, floor: str = "") -> None:
         self.dir = bench.tmp / name
         self.dir.mkdir()
         text = (ROOT / "config.toml").read_text()
@@ -87,7 +90,11 @@ class Gateway:
         if stall_monitor:
             env["BENCH_STALL_FILE"] = str(self.stall_file)
             conf = str(harness.BENCH / "gunicorn_stall.py")
-        self.proc = start([GUNICORN, "-c", conf, "app:create_app()"], self.log, env)
+        spec = "app:create_app()"
+        if floor:  # bench/floor_app.py: the same app and settings, answered by a first hook of the bench's
+            env["BENCH_FLOOR"] = floor
+            spec = f"--pythonpath={harness.BENCH}", "floor_app:create_app()"
+        self.proc = start([GUNICORN, "-c", conf, *([spec] if isinstance(spec, str) else spec)], self.log, env)
         harness.wait_ready(self.proc, self.port, "/health", self.log, "the gateway (gunicorn)")
         self.pids = harness.children(self.proc.pid, workers)
 
@@ -359,6 +366,21 @@ class Bench:
                 self.plain(f"peers_gateway_{conns}", gw.port, key, conns, {"server": tree, "upstream": up})
         finally:
             gw.stop()
+        for floor, label in FLOORS.items():
+            gw = Gateway(self, f"peers-floor-{floor}", floor=floor)
+            try:
+                for _ in range(20):
+                    status, body, _ = request("POST", gw.port, "/v1/chat/completions", PLAIN.encode(),
+                                              {"Content-Type": "application/json"}, timeout=10)
+                    if status != 200 or b"Hello from the bench upstream!" not in body:
+                        raise BenchError(f"the {floor} floor answered {status}: {body[:300]!r}; log {gw.log}")
+                tree = [gw.proc.pid] + gw.pids
+                peers_out["servers"][f"floor_{floor}"] = {"label": label, "pids": len(tree)}
+                for conns in steps:
+                    self.plain(f"peers_floor_{floor}_{conns}", gw.port, "floor", conns,
+                               {"server": tree, "upstream": up})
+            finally:
+                gw.stop()
         starts = [("portkey", f"Portkey {peers.PORTKEY_VERSION} (node, 1 process)",
                    lambda: peers.Portkey(self.tmp, self.upstream_url, UPSTREAM_KEY))]
         for w in self.args.litellm_workers:
