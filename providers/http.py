@@ -498,7 +498,7 @@ def _request_head(upstream: UpstreamConfig, host_pool: urllib3.HTTPConnectionPoo
         if _BAD_PATH.search(path) or not path.isascii():
             raise UpstreamError(f"The upstream '{upstream.name}' has a URL path that cannot be sent; check its "
                                 "base_url.")
-        host = host_pool.host.encode("idna").decode("ascii")
+        host = host_pool.host.rstrip(".").encode("idna").decode("ascii")  # as urllib3 sends it
         if ":" in host and not host.startswith("["):
             host = f"[{host}]"
         if host_pool.port not in (None, 443 if host_pool.scheme == "https" else 80):
@@ -507,6 +507,9 @@ def _request_head(upstream: UpstreamConfig, host_pool: urllib3.HTTPConnectionPoo
         if len(_STARTS) < MAX_KEPT_LINES:
             _STARTS[where] = start
     given = {name.lower() for name in headers if type(name) is str}
+    if given & _FRAMING:
+        raise UpstreamError(f"The upstream '{upstream.name}' would get a request framed twice (a Content-Length or "
+                            "Transfer-Encoding header besides the body's own).")
     lines = [start[0]]
     if "host" not in given:
         lines.append(start[1])
@@ -540,16 +543,17 @@ def _field_line(upstream: UpstreamConfig, name: Any, value: Any) -> bytes:
 
 
 class _Answer:
-    """httptools' callbacks for one upstream answer: its header fields and body pieces as they arrive.
+    """httptools' callbacks for one upstream answer: its header fields and body as they arrive.
 
-    A 1xx interim answer (100 Continue) is dropped and the next one read. Anything after the answer (a second
-    message, garbage) is ignored and marks the connection unfit for reuse.
+    A 1xx interim answer (100 Continue) is dropped and the next one read. Trailer fields after a chunked body
+    are dropped, as http.client drops them. Anything after the answer (a second message, garbage) is ignored
+    and marks the connection unfit for reuse.
     """
 
     def __init__(self) -> None:
         self.parser = httptools.HttpResponseParser(self)
         self.fields: list[tuple[bytes, bytes]] = []
-        self.parts: list[bytes] = []
+        self.body: bytes | bytearray = b""  # the first piece as it came; a bytearray once a second one arrives
         self.size = 0
         self.headers_done = False
         self.complete = False
@@ -562,7 +566,7 @@ class _Answer:
             self.extra = True
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        if not self.complete:
+        if not self.headers_done and not self.complete:  # after the head: a trailer field
             self.fields.append((name, value))
             self.head_size += len(name) + len(value) + 4
 
@@ -573,9 +577,15 @@ class _Answer:
             self.keep_alive = self.parser.should_keep_alive()
 
     def on_body(self, body: bytes) -> None:
-        if not self.complete:
-            self.parts.append(body)
-            self.size += len(body)
+        if self.complete:
+            return
+        if not self.size:
+            self.body = body
+        else:
+            if type(self.body) is bytes:
+                self.body = bytearray(self.body)
+            self.body += body
+        self.size += len(body)
 
     def on_message_complete(self) -> None:
         if self.complete:
@@ -587,6 +597,13 @@ class _Answer:
         self.complete = True
 
 
+# Requests whose framing _request_head sets itself: a caller's own would frame the body twice.
+_FRAMING = frozenset({"content-length", "transfer-encoding"})
+# Reads of an answer between two yields to the event loop: gevent's recv returns at once while bytes wait, so an
+# upstream that sends fast would otherwise keep every other request of the worker waiting, its deadline too.
+YIELD_EVERY_READS = 16
+
+
 def _exchange(upstream: UpstreamConfig, host_pool: urllib3.HTTPConnectionPool, path: str, data: bytes,
               headers: dict[str, str], timeout: float | None, at: float) -> tuple[int, urllib3.HTTPHeaderDict, bytes]:
     """POST data and read the whole answer on one of the pool's keep-alive connections: (status, headers, body).
@@ -596,8 +613,8 @@ def _exchange(upstream: UpstreamConfig, host_pool: urllib3.HTTPConnectionPool, p
     urllib3's and http.client's request and response objects: 1.19 -> 1.03 ms of CPU per plain request at one
     connection (docs/performance.md, round 5). Bounded as _read_body is: the head at MAX_HEAD_BYTES, the body
     (decoded, if the upstream coded it anyway) at max_response_bytes, a larger declared Content-Length refused
-    before its body is read, and the whole exchange by the deadline() around it. A connection is reused only
-    after a complete answer that allows keep-alive and nothing after it.
+    before its body is read, and the whole exchange by the deadline. A connection is reused only after a
+    complete answer that allows keep-alive and nothing after it.
     """
     request = _request_head(upstream, host_pool, path, headers, len(data)) + data
     conn = host_pool._get_conn()  # a pooled connection checked for a close by the upstream, or a new one
@@ -608,11 +625,17 @@ def _exchange(upstream: UpstreamConfig, host_pool: urllib3.HTTPConnectionPool, p
             conn.connect()
         sock = conn.sock
         sock.settimeout(timeout or upstream.timeout_seconds)
-        if conn._plain_socket:
-            send_all(sock, request)
-        else:
-            sock.sendall(request)
+        sent = True
+        try:
+            if conn._plain_socket:
+                send_all(sock, request)
+            else:
+                sock.sendall(request)
+        except (BrokenPipeError, ConnectionResetError):
+            # The upstream may have answered early (a 413, a 429) and closed: read that answer, as urllib3 does.
+            sent = False
         status, head, body, reusable = _read_answer(upstream, sock, at)
+        reusable = reusable and sent
     finally:
         if not reusable:
             conn.close()
@@ -627,8 +650,11 @@ def _read_answer(upstream: UpstreamConfig, sock: socket.socket, at: float
     cap = upstream.max_response_bytes
     buf = bytearray(READ_SIZE)
     view = memoryview(buf)
-    head_bytes = 0
+    head_bytes = 0  # fed before the head was complete
+    fed = 0  # all of the answer's bytes so far
+    bare = 0  # fed after the head since the last read that carried body bytes: chunk lines, trailers
     to_close = False  # a body without a length or chunking: it ends when the upstream closes
+    reads = 0
     while not answer.complete:
         n = sock.recv_into(buf)
         if not n:
@@ -636,9 +662,16 @@ def _read_answer(upstream: UpstreamConfig, sock: socket.socket, at: float
                 break
             raise UpstreamError(f"The upstream '{upstream.name}' closed the connection before its answer was "
                                 "complete.")
-        headers_before = answer.headers_done
+        headers_before, size_before = answer.headers_done, answer.size
         try:
             parser.feed_data(view[:n])
+        except httptools.HttpParserUpgrade:
+            # 101 Switching Protocols: an answer the gateway never asked for; relayed as its status (a 502), and
+            # the connection, now speaking something else, is not reused
+            if not answer.headers_done:
+                raise UpstreamError(f"The upstream '{upstream.name}' sent an answer that is not valid HTTP.") \
+                    from None
+            answer.complete = answer.extra = True
         except httptools.HttpParserError:
             if not answer.complete:
                 raise UpstreamError(f"The upstream '{upstream.name}' sent an answer that is not valid HTTP.") \
@@ -653,19 +686,33 @@ def _read_answer(upstream: UpstreamConfig, sock: socket.socket, at: float
                 raise UpstreamError(f"The upstream '{upstream.name}' sent an answer head over its limits "
                                     f"({MAX_HEAD_FIELDS} fields, {MAX_HEAD_BYTES} bytes).")
             if answer.headers_done:
-                length, chunked = _framing(answer.fields)
+                length, chunked, other = _framing(answer.fields)
+                if other:
+                    raise UpstreamError(f"The upstream '{upstream.name}' sent a transfer coding the gateway does "
+                                        "not read.")
                 if length is not None and length > cap:
                     raise _too_large(upstream)  # said up front: its body is not read
-                status = parser.get_status_code()
-                to_close = length is None and not chunked and status not in (204, 304)
+                to_close = length is None and not chunked and parser.get_status_code() not in (204, 304)
+        else:
+            bare = 0 if answer.size > size_before else bare + n
+        fed += n
         if answer.size > cap:
             raise _too_large(upstream)
-        if not _GREEN and time.monotonic() > at:  # without gevent the deadline's timer cannot interrupt a read
+        # Chunk lines may not outgrow the body they frame (past the head's allowance), and bytes that carry no
+        # body (a trailer, which httptools buffers whole with a copy per read; an endless chunk extension) stop
+        # at the head's limit.
+        if fed - answer.size > 2 * MAX_HEAD_BYTES + answer.size or bare > MAX_HEAD_BYTES:
+            raise UpstreamError(f"The upstream '{upstream.name}' sent a chunked answer whose framing is over its "
+                                "limits.")
+        if time.monotonic() > at:
             raise _late(upstream)
+        reads += 1
+        if _GREEN and not reads % YIELD_EVERY_READS:
+            gevent.sleep(0)
     head = urllib3.HTTPHeaderDict()
     for name, value in answer.fields:
         head.add(name.decode("latin-1"), value.decode("latin-1"))
-    body = answer.parts[0] if len(answer.parts) == 1 else b"".join(answer.parts)
+    body = answer.body if type(answer.body) is bytes else bytes(answer.body)
     coding = head.get("Content-Encoding")
     if coding is not None and coding.strip().lower() not in ("", "identity"):
         body = _decoded(upstream, coding, body)
@@ -673,41 +720,61 @@ def _read_answer(upstream: UpstreamConfig, sock: socket.socket, at: float
     return parser.get_status_code(), head, body, reusable
 
 
-def _framing(fields: list[tuple[bytes, bytes]]) -> tuple[int | None, bool]:
-    """(the declared Content-Length, whether the body is chunked); llhttp has already refused conflicting ones."""
-    length, chunked = None, False
+def _framing(fields: list[tuple[bytes, bytes]]) -> tuple[int | None, bool, bool]:
+    """(the declared Content-Length, whether the body is chunked, whether another transfer coding is named);
+    llhttp has already refused conflicting lengths and a length beside chunking."""
+    length, chunked, other = None, False, False
     for name, value in fields:
         lowered = name.lower()
         if lowered == b"content-length" and value.strip().isdigit():
             length = int(value.strip())
-        elif lowered == b"transfer-encoding" and value.strip().lower().endswith(b"chunked"):
-            chunked = True
-    return length, chunked
+        elif lowered == b"transfer-encoding":
+            for coding in value.lower().split(b","):
+                coding = coding.strip()
+                if coding == b"chunked":
+                    chunked = True
+                elif coding:
+                    other = True
+    return length, chunked, other
 
 
 def _decoded(upstream: UpstreamConfig, coding: str, body: bytes) -> bytes:
-    """A body the upstream coded although the gateway asked for identity: gzip and deflate decoded as urllib3
-    would, to at most max_response_bytes (a small bomb must not become a large answer); a coding urllib3 has
-    no decoder for here is left as it came."""
+    """A body the upstream coded although the gateway asked for identity: gzip (every member) and deflate
+    decoded as urllib3 would, to at most max_response_bytes (a small bomb must not become a large answer); a
+    coding urllib3 has no decoder for here is left as it came."""
     cap = upstream.max_response_bytes
     for name in reversed([c.strip() for c in coding.lower().split(",") if c.strip()]):
         if name == "identity":
             continue
         if name not in ("gzip", "x-gzip", "deflate"):
             return body
-        attempts = [16 + zlib.MAX_WBITS] if name != "deflate" else [zlib.MAX_WBITS, -zlib.MAX_WBITS]
-        for wbits in attempts:
-            try:
-                out = zlib.decompressobj(wbits).decompress(body, cap + 1)
-                break
-            except zlib.error:
-                continue
-        else:
-            raise UpstreamError(f"The upstream '{upstream.name}' sent a {name} body that does not decode.")
-        if len(out) > cap:
+        try:
+            body = _gunzip(body, cap) if name != "deflate" else _inflate(body, cap)
+        except zlib.error:
+            raise UpstreamError(f"The upstream '{upstream.name}' sent a {name} body that does not decode.") from None
+        if len(body) > cap:
             raise _too_large(upstream)
-        body = out
     return body
+
+
+def _gunzip(data: bytes, cap: int) -> bytes:
+    """Every gzip member of data, to at most cap + 1 bytes (the caller refuses more)."""
+    out = bytearray()
+    while data and len(out) <= cap:
+        member = zlib.decompressobj(16 + zlib.MAX_WBITS)
+        out += member.decompress(data, cap + 1 - len(out))
+        if member.unconsumed_tail:
+            break  # the output is already past the cap
+        data = member.unused_data
+    return bytes(out)
+
+
+def _inflate(data: bytes, cap: int) -> bytes:
+    """A deflate body: zlib-wrapped as the standard says, or raw as some servers send it."""
+    try:
+        return zlib.decompressobj(zlib.MAX_WBITS).decompress(data, cap + 1)
+    except zlib.error:
+        return zlib.decompressobj(-zlib.MAX_WBITS).decompress(data, cap + 1)
 
 
 def transport_error(upstream: UpstreamConfig, exc: Exception) -> GatewayError:

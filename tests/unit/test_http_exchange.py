@@ -3,11 +3,15 @@ kind of answer a real or hostile upstream can give, against a raw socket server 
 from __future__ import annotations
 
 import gzip
+import json
 import socket
+import subprocess
+import sys
 import threading
 import time
 import zlib
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 import urllib3
@@ -28,7 +32,9 @@ def ok(body: bytes = JSON, extra: str = "") -> bytes:
 class RawUpstream:
     """Answers the n-th request it reads (over all connections) with answers[n]: raw bytes, written as given.
     An answer may be a tuple (bytes, action): "close" closes the connection after it, "hang" keeps it open
-    without reading further. Records the connections and the raw requests."""
+    without reading further, "early" answers as soon as the request's head is read and closes (its body
+    unread), "drip" writes the answer a byte every 20 ms, "flood" writes chunks of a body that never ends.
+    Records the connections and the raw requests."""
 
     def __init__(self, answers: list) -> None:
         self.answers = list(answers)
@@ -61,12 +67,27 @@ class RawUpstream:
                 head, _, rest = buf.partition(b"\r\n\r\n")
                 length = int(next(line.split(b":", 1)[1] for line in head.split(b"\r\n")
                                   if line.lower().startswith(b"content-length:")))
+                if self.answers and isinstance(self.answers[0], tuple) and self.answers[0][1] == "early":
+                    self.requests.append(head)
+                    conn.sendall(self.answers.pop(0)[0])
+                    return
                 while len(rest) < length:
                     rest += conn.recv(65536)
                 self.requests.append(head + b"\r\n\r\n" + rest[:length])
                 buf = rest[length:]
                 answer = self.answers.pop(0)
                 data, action = answer if isinstance(answer, tuple) else (answer, "")
+                if action == "flood":  # endless 64 KiB chunks until the client goes
+                    conn.sendall(data)
+                    chunk = b"10000\r\n" + b"z" * 65536 + b"\r\n"
+                    while not self.stop.is_set():
+                        conn.sendall(chunk)
+                if action == "drip":
+                    for i in range(len(data)):
+                        if self.stop.wait(0.02):
+                            return
+                        conn.sendall(data[i:i + 1])
+                    continue
                 conn.sendall(data)
                 if action == "close":
                     return
@@ -74,6 +95,8 @@ class RawUpstream:
                     self.held.append(conn)
                     self.stop.wait(30)
                     return
+        except OSError:
+            return  # the client went (a refused answer, a deadline): its side is what the test checks
         finally:
             if conn not in self.held:
                 conn.close()
@@ -299,3 +322,135 @@ def test_error_status_and_its_body_are_returned(serve) -> None:
     reply = call(up)
     assert (reply.status_code, reply.content, reply.headers["Retry-After"]) == (429, b"{}", "3")
 
+
+
+def test_trailer_fields_are_dropped(serve) -> None:
+    chunked = (b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nX-Head: 1\r\n\r\n"
+               b"7\r\n{\"a\":1}\r\n0\r\nContent-Encoding: gzip\r\nRetry-After: 3600\r\n\r\n")
+    server, up = serve([chunked, ok()])
+    reply = call(up)
+    assert reply.json() == {"a": 1}  # the trailer's Content-Encoding did not make it a gzip body
+    assert reply.headers["x-head"] == "1" and "retry-after" not in reply.headers
+    call(up)
+    assert server.connections == 1
+
+
+@pytest.mark.parametrize("tail", [
+    b"0\r\nX-Big: " + b"v" * 200_000,  # one endless trailer field
+    b"0\r\n" + b"a: b\r\n" * 40_000,  # many small ones
+    b"5;" + b"e" * 200_000,  # an endless chunk extension
+])
+def test_bytes_that_carry_no_body_are_bounded(serve, tail) -> None:
+    _, up = serve([(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n7\r\n{\"a\":1}\r\n" + tail, "hang")])
+    with pytest.raises(UpstreamError, match="framing is over its limits"):
+        call(up)
+
+
+def test_tiny_chunks_are_bounded_and_normal_chunks_are_not(serve) -> None:
+    tiny = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n" + b"1\r\na\r\n" * 60_000 + b"0\r\n\r\n"
+    normal = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n" + (b"64\r\n" + b"b" * 100 + b"\r\n") * 2000
+    _, up = serve([(tiny, "hang"), normal + b"0\r\n\r\n"])
+    with pytest.raises(UpstreamError, match="framing is over its limits"):
+        call(up)
+    assert call(up).content == b"b" * 200_000
+
+
+def test_switching_protocols_is_its_status_and_the_connection_is_dropped(serve) -> None:
+    server, up = serve([b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\nxx",
+                        ok()])
+    assert call(up).status_code == 101  # the provider turns any status but 200 into a 502
+    call(up)
+    assert server.connections == 2
+
+
+def test_an_early_answer_to_a_large_body_is_read(serve) -> None:
+    early = (b"HTTP/1.1 413 Payload Too Large\r\nConnection: close\r\nContent-Length: 27\r\n\r\n"
+             b'{"error":{"message":"big"}}')
+    _, up = serve([(early, "early")])
+    reply = gw_http.post(up, up.base_url + "/chat/completions", {"input": "x" * 8_000_000},
+                         {"Authorization": "Bearer sk-up"})
+    assert (reply.status_code, reply.json()) == (413, {"error": {"message": "big"}})
+
+
+@pytest.mark.parametrize("name", ["Content-Length", "transfer-encoding"])
+def test_a_request_framed_twice_is_refused(serve, name) -> None:
+    server, up = serve([ok()])
+    with pytest.raises(UpstreamError, match="framed twice"):
+        call(up, {name: "chunked" if "transfer" in name else "5"})
+    assert server.requests == []
+
+
+def test_host_is_sent_as_urllib3_sends_it() -> None:
+    up = UpstreamConfig(name="h", kind="openai", base_url="http://api.example.com./v1")
+    for host, port, line in [("api.example.com.", 80, b"Host: api.example.com\r\n"),
+                             ("::1", 8080, b"Host: [::1]:8080\r\n"), ("b\u00fccher.example", 443, None)]:
+        pool = urllib3.HTTPSConnectionPool(host, port) if port == 443 else urllib3.HTTPConnectionPool(host, port)
+        head = gw_http._request_head(up, pool, "/v1/x", {}, 0)
+        assert head.split(b"\r\n")[1] + b"\r\n" == (line or b"Host: xn--bcher-kva.example\r\n")
+
+
+def test_every_gzip_member_is_decoded(serve) -> None:
+    _, up = serve([ok(gzip.compress(b'{"a":') + gzip.compress(b"1}"), "Content-Encoding: gzip\r\n")])
+    assert call(up).json() == {"a": 1}
+
+
+def test_a_transfer_coding_other_than_chunked_is_a_502(serve) -> None:
+    body = gzip.compress(JSON)
+    coded = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip, chunked\r\n\r\n%x\r\n%s\r\n0\r\n\r\n" % (len(body), body)
+    _, up = serve([coded])
+    with pytest.raises(UpstreamError, match="transfer coding"):
+        call(up)
+
+
+def test_an_answer_that_drips_stops_at_the_deadline(serve) -> None:
+    _, up = serve([(ok(b"x" * 1000), "drip")], timeout_seconds=5, total_timeout_seconds=0.5)
+    started = time.monotonic()
+    with pytest.raises(UpstreamTimeoutError):
+        call(up)
+    assert time.monotonic() - started < 2
+
+
+UNDER_GEVENT = """
+from gevent import monkey
+monkey.patch_all()
+import json, sys, time
+import gevent
+sys.path.insert(0, {root!r})
+from config import UpstreamConfig
+from errors import GatewayError
+from providers import http
+
+up = UpstreamConfig(name="flood", kind="openai", base_url=sys.argv[1], timeout_seconds=5, total_timeout_seconds=0.25,
+                    max_response_bytes=1 << 40)
+gaps = [0.0]
+
+def ticker():  # the hub's longest stall while the call runs
+    while True:
+        t = time.monotonic()
+        gevent.sleep(0.005)
+        gaps.append(time.monotonic() - t - 0.005)
+
+gevent.spawn(ticker)
+start = time.monotonic()
+try:
+    http.post(up, sys.argv[1] + "/chat/completions", {{"model": "m"}}, {{}})
+    outcome = "answered"
+except GatewayError as exc:
+    outcome = f"{{exc.status}} {{exc.message}}"
+print(json.dumps({{"outcome": outcome, "seconds": time.monotonic() - start, "stall": max(gaps)}}))
+"""
+
+
+def test_under_gevent_a_flooding_upstream_stops_at_the_deadline_and_never_stalls_the_worker(serve, tmp_path) -> None:
+    # Body bytes as fast as loopback carries them (for 0.25 s: a few hundred MB), under a cap they never reach:
+    # gevent's recv returns at once while bytes wait, so only the loop's yields let the deadline's timer and
+    # the worker's other greenlets run.
+    server, up = serve([(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n", "flood")])
+    script = tmp_path / "flood.py"
+    script.write_text(UNDER_GEVENT.format(root=str(Path(gw_http.__file__).resolve().parent.parent)))
+    out = subprocess.run([sys.executable, str(script), up.base_url], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    assert result["outcome"].startswith("504 "), result
+    assert result["seconds"] < 2, result
+    assert result["stall"] < 0.2, result
