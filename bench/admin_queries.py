@@ -81,7 +81,8 @@ def queries(conn: sqlite3.Connection, nkeys: int) -> list[tuple[str, float]]:
     key = nkeys // 2
     page = ("SELECT * FROM usage {w} ORDER BY created_at DESC, id DESC LIMIT 101")
     deep = conn.execute("SELECT created_at, id FROM usage WHERE key_id = ? ORDER BY created_at DESC, id DESC"
-                        " LIMIT 1 OFFSET 500", (key,)).fetchone()
+                        " LIMIT 1 OFFSET 500", (key,)).fetchone() or conn.execute(  # a key with fewer rows: its oldest
+        "SELECT created_at, id FROM usage WHERE key_id = ? ORDER BY created_at, id LIMIT 1", (key,)).fetchone()
     week = time.time() - 7 * 86400
     return [
         ("keys list with balances, holds, spend today/month (all keys)", _list_keys(conn)),
@@ -131,7 +132,7 @@ def _retention_batch(conn: sqlite3.Connection) -> None:
     conn.execute("ROLLBACK")
 
 
-def insert_cost(path: str, n: int) -> float:
+def insert_cost(path: str, n: int, nkeys: int) -> float:
     """Microseconds per settlement-like usage insert, each in its own BEGIN IMMEDIATE ... COMMIT."""
     conn = db.connect(path, busy_seconds=30)
     conn.execute("PRAGMA wal_autocheckpoint=0")  # as in the workers (a thread checkpoints)
@@ -142,7 +143,7 @@ def insert_cost(path: str, n: int) -> float:
         conn.execute("BEGIN IMMEDIATE")
         conn.execute("INSERT INTO usage(request_id, key_id, route, model, cost, status, latency_ms, created_at)"
                      " VALUES (?, ?, 'chat.completions', 'gpt-4.1-mini', 100, 200, 5, ?)",
-                     (f"new{i}", rng.randint(1, 1000), now + i * 0.001))
+                     (f"new{i}", rng.randint(1, nkeys), now + i * 0.001))
         conn.execute("COMMIT")
     elapsed = time.perf_counter() - t
     conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
@@ -191,9 +192,9 @@ def main() -> None:
         c_bare.close()
         c_both.close()
 
-        print("\nsettlement-like usage insert, own transaction (µs/insert, 1M rows present)")
+        print(f"\nsettlement-like usage insert, own transaction (µs/insert, {args.rows:,} rows present)")
         for name, path in (("no usage index", bare), ("usage_key_time", one), ("usage_key_time + usage_time", both)):
-            print(f"  {name:<40} {insert_cost(path, args.inserts):>8.1f}")
+            print(f"  {name:<40} {insert_cost(path, args.inserts, args.keys):>8.1f}")
         print(f"\nmetrics hooks per settled request: {metrics_cost(20000):.1f} µs "
               f"(PROMETHEUS_MULTIPROC_DIR={os.environ['PROMETHEUS_MULTIPROC_DIR']})")
     finally:
