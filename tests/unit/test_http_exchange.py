@@ -452,5 +452,7 @@ def test_under_gevent_a_flooding_upstream_stops_at_the_deadline_and_never_stalls
     assert out.returncode == 0, out.stderr
     result = json.loads(out.stdout.strip().splitlines()[-1])
     assert result["outcome"].startswith("504 "), result
-    assert result["seconds"] < 2, result
-    assert result["stall"] < 0.2, result
+    # Bounds far from both outcomes (a 0.25 s deadline; 33 s and a 33 s stall without the yields), so that a
+    # loaded machine, which delays the subprocess itself, cannot fail them.
+    assert result["seconds"] < 3, result
+    assert result["stall"] < 1, result
