@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import gzip
 import json
+import shutil
 import socket
+import ssl
 import subprocess
 import sys
 import threading
@@ -36,8 +38,9 @@ class RawUpstream:
     unread), "drip" writes the answer a byte every 20 ms, "flood" writes chunks of a body that never ends.
     Records the connections and the raw requests."""
 
-    def __init__(self, answers: list) -> None:
+    def __init__(self, answers: list, tls: ssl.SSLContext | None = None) -> None:
         self.answers = list(answers)
+        self.tls = tls
         self.requests: list[bytes] = []
         self.connections = 0
         self.sock = socket.create_server(("127.0.0.1", 0))
@@ -55,9 +58,13 @@ class RawUpstream:
             self.connections += 1
             threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
 
+    def _handshake(self, conn: socket.socket) -> socket.socket:
+        return self.tls.wrap_socket(conn, server_side=True) if self.tls else conn
+
     def _serve(self, conn: socket.socket) -> None:
         buf = b""
         try:
+            conn = self._handshake(conn)
             while True:
                 while b"\r\n\r\n" not in buf:
                     chunk = conn.recv(65536)
@@ -112,11 +119,12 @@ class RawUpstream:
 def serve() -> Iterator:
     servers: list[RawUpstream] = []
 
-    def make(answers: list, **settings) -> tuple[RawUpstream, UpstreamConfig]:
-        server = RawUpstream(answers)
+    def make(answers: list, tls: ssl.SSLContext | None = None, **settings) -> tuple[RawUpstream, UpstreamConfig]:
+        server = RawUpstream(answers, tls)
         servers.append(server)
-        up = UpstreamConfig(name=f"raw{server.port}", kind="openai", base_url=f"http://127.0.0.1:{server.port}/v1",
-                            **settings)
+        scheme = "https" if tls else "http"
+        up = UpstreamConfig(name=f"raw{server.port}", kind="openai",
+                            base_url=f"{scheme}://127.0.0.1:{server.port}/v1", **settings)
         return server, up
     yield make
     for server in servers:
@@ -456,3 +464,36 @@ def test_under_gevent_a_flooding_upstream_stops_at_the_deadline_and_never_stalls
     # loaded machine, which delays the subprocess itself, cannot fail them.
     assert result["seconds"] < 3, result
     assert result["stall"] < 1, result
+
+
+@pytest.fixture(scope="module")
+def tls_context(tmp_path_factory: pytest.TempPathFactory) -> tuple[ssl.SSLContext, str]:
+    if not shutil.which("openssl"):
+        pytest.skip("openssl is needed to make a test certificate")
+    tmp = tmp_path_factory.mktemp("tls")
+    cert, key = str(tmp / "cert.pem"), str(tmp / "key.pem")
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes",
+                    "-days", "1", "-subj", "/CN=127.0.0.1", "-keyout", key, "-out", cert,
+                    "-addext", "subjectAltName=IP:127.0.0.1"], check=True, capture_output=True)
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(cert, key)
+    return context, cert
+
+
+def test_tls_upstream_is_verified_and_its_connection_reused(serve, tls_context, monkeypatch) -> None:
+    context, cert = tls_context
+    monkeypatch.setenv("SSL_CERT_FILE", cert)  # trust the test certificate (urllib3 loads the default paths)
+    chunked = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\n{\"a\":\r\n3\r\n12}\r\n0\r\n\r\n"
+    server, up = serve([ok(b'{"n":1}'), chunked], tls=context)
+    assert call(up).json() == {"n": 1}
+    assert call(up).json() == {"a": 12}
+    assert server.connections == 1
+    assert server.requests[0].startswith(b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1:")
+
+
+def test_tls_upstream_with_an_untrusted_certificate_is_a_502(serve, tls_context) -> None:
+    context, _ = tls_context
+    server, up = serve([ok()], tls=context)
+    with pytest.raises(UpstreamError, match="could not be reached"):
+        call(up)
+    assert server.requests == []
