@@ -105,36 +105,68 @@ return out
 """
 
 
+STORE_TIMEOUT_SECONDS = 2.0  # a Redis slower than this for one small script is treated as down
+
+
 class RedisCounter(Counter):
-    """Fixed windows in Redis in one round trip per request (EVALSHA of a script loaded once per worker; redis-py
-    loads it again by itself if the server lost it, say after a restart)."""
+    """Fixed windows in Redis in one round trip per request: EVALSHA of a script loaded once per worker, sent on a
+    connection of redis-py's pool directly. A store that does not answer within STORE_TIMEOUT_SECONDS is down (a
+    503), not a request that hangs.
+
+    redis-py's command layer (Script, execute_command, its retry wrapper, the response callbacks) cost about
+    100 µs of Python a call, as much as the round trip itself (docs/performance.md, round 5); the pool, the
+    connection, the protocol and the errors stay redis-py's. A server that lost its scripts (a restart, SCRIPT
+    FLUSH) gets the script again; a connection that broke (a restart) is made again, once.
+    """
 
     def __init__(self, uri: str) -> None:
         self.uri = uri
         self._pid = 0
-        self._script = None
+        self._pool = None
+        self._sha = ""
         # Greenlets that arrive together at a worker's start wait for the first one's client instead of each
         # making (and dropping) a client, a connection and a SCRIPT LOAD of their own.
         self._lock = threading.Lock()
 
-    def _get_script(self):  # made after fork: a worker must not share the master's sockets
+    def _get_pool(self):  # made after fork: a worker must not share the master's sockets
         if self._pid != db.pid():
             with self._lock:
                 if self._pid != db.pid():
                     import redis
 
-                    client = redis.Redis.from_url(self.uri)
-                    script = client.register_script(_LUA_FIXED)
-                    client.script_load(_LUA_FIXED)  # before first use: no request's EVALSHA meets NOSCRIPT
-                    self._script, self._pid = script, db.pid()
-        return self._script
+                    client = redis.Redis.from_url(self.uri, socket_timeout=STORE_TIMEOUT_SECONDS,
+                                                  socket_connect_timeout=STORE_TIMEOUT_SECONDS)
+                    self._sha = client.script_load(_LUA_FIXED)  # before first use: no EVALSHA meets NOSCRIPT
+                    self._pool, self._pid = client.connection_pool, db.pid()
+        return self._pool
+
+    def _evalsha(self, keys: list[str], args: list[int]) -> list:
+        import redis
+
+        pool = self._get_pool()
+        conn = pool.get_connection()
+        try:
+            try:
+                conn.send_command("EVALSHA", self._sha, len(keys), *keys, *args)
+                return conn.read_response()
+            except redis.exceptions.NoScriptError:
+                conn.send_command("SCRIPT", "LOAD", _LUA_FIXED)
+                conn.read_response()
+            except redis.exceptions.ConnectionError:
+                # A connection the server closed (a restart): the send below connects again. Not after a timeout,
+                # when the script may have run: a second EVALSHA would count the request twice.
+                conn.disconnect()
+            conn.send_command("EVALSHA", self._sha, len(keys), *keys, *args)  # once more; a second failure raises
+            return conn.read_response()
+        finally:
+            pool.release(conn)
 
     def hit(self, key: str, limits: list[tuple[int, int]]) -> list[Window]:
         import redis
 
         keys = [f"gateway:fixed:{key}:{amount}:{seconds}" for amount, seconds in limits]
         try:
-            raw = self._get_script()(keys=keys, args=[seconds * 1000 for _, seconds in limits])
+            raw = self._evalsha(keys, [seconds * 1000 for _, seconds in limits])
         except redis.RedisError as exc:
             raise _store_down(exc) from None
         now = time.time()
