@@ -277,8 +277,11 @@ def peers_markdown(r: dict) -> str:
                             for row in floors) + "."]
     w1, w2 = runs.get("plain_gateway_16_redis_w1"), runs.get("plain_gateway_16_redis_w2")
     if w1 and w2:
+        split = w2.get("workers_cpu_split")
+        shares = f"; the two workers' shares of the CPU: {' / '.join(f'{x:.0%}' for x in split)}" if split else ""
         out += ["", f"Gateway, 16 connections with Redis limits: {w2['rps']:,.0f} req/s with 2 workers against "
-                f"{w1['rps']:,.0f} with 1 ({_ratio(w2['rps'], w1['rps'])})."]
+                f"{w1['rps']:,.0f} with 1 ({_ratio(w2['rps'], w1['rps'])}); machine busy "
+                f"{w2['machine_busy']:.0%}{shares}."]
     return "\n".join(out)
 
 

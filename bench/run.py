@@ -445,8 +445,13 @@ class Bench:
                 try:
                     key = gw.key(rpm=10**9, rpd=10**9)
                     self.warm(gw, key)
-                    self.plain(f"plain_gateway_16_redis_w{workers}", gw.port, key, 16,
-                               {"gateway": gw.pids, "upstream": [self.upstream.pid]})
+                    # Each worker's own CPU too: wrk opens its 16 keep-alive connections at once, and how the
+                    # workers happen to split them bounds what two workers can do (workers_cpu_split).
+                    out = self.plain(f"plain_gateway_16_redis_w{workers}", gw.port, key, 16,
+                                     {"gateway": gw.pids, "upstream": [self.upstream.pid],
+                                      **{f"worker{i}": [pid] for i, pid in enumerate(gw.pids)}})
+                    split = [out.pop(f"worker{i}_cpu_s") for i in range(len(gw.pids))]
+                    out["workers_cpu_split"] = [c / max(sum(split), 1e-9) for c in split]
                 finally:
                     gw.stop()
         finally:
