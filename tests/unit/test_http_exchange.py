@@ -252,7 +252,7 @@ def test_body_without_length_over_the_limit_is_a_502(serve) -> None:
 @pytest.mark.parametrize("head", [
     b"HTTP/1.1 200 OK\r\n" + b"X-Big: " + b"a" * 70000 + b"\r\n\r\n",
     b"HTTP/1.1 200 OK\r\n" + b"".join(b"X-%d: v\r\n" % i for i in range(101)) + b"Content-Length: 0\r\n\r\n",
-])
+], ids=["one-long-field", "101-fields"])
 def test_answer_head_over_its_limits_is_a_502(serve, head) -> None:
     _, up = serve([(head, "hang")])
     with pytest.raises(UpstreamError, match="head over its limits"):
@@ -296,18 +296,18 @@ def test_refused_connection_is_a_502() -> None:
 
 
 @pytest.mark.parametrize("coding, data", [
-    ("gzip", gzip.compress(JSON)),
+    ("gzip", gzip.compress(JSON, mtime=0)),  # a fixed mtime: xdist workers must collect the same test ids
     ("deflate", zlib.compress(JSON)),
     ("deflate", zlib.compress(JSON)[2:-4]),  # raw deflate, as some servers send it
     ("identity", JSON),
-])
+], ids=["gzip", "deflate", "raw-deflate", "identity"])
 def test_coded_answer_is_decoded(serve, coding, data) -> None:
     _, up = serve([ok(data, f"Content-Encoding: {coding}\r\n")])
     assert call(up).content == JSON
 
 
 def test_coded_answer_decoding_past_the_limit_is_a_502(serve) -> None:
-    bomb = gzip.compress(b"\0" * 200_000)  # about 200 bytes that decode to 200 KB
+    bomb = gzip.compress(b"\0" * 200_000, mtime=0)  # about 200 bytes that decode to 200 KB
     _, up = serve([ok(bomb, "Content-Encoding: gzip\r\n")], max_response_bytes=10_000)
     assert len(bomb) < 10_000
     with pytest.raises(UpstreamError, match="larger than its limit"):
@@ -347,7 +347,7 @@ def test_trailer_fields_are_dropped(serve) -> None:
     b"0\r\nX-Big: " + b"v" * 200_000,  # one endless trailer field
     b"0\r\n" + b"a: b\r\n" * 40_000,  # many small ones
     b"5;" + b"e" * 200_000,  # an endless chunk extension
-])
+], ids=["endless-trailer", "many-trailers", "endless-extension"])
 def test_bytes_that_carry_no_body_are_bounded(serve, tail) -> None:
     _, up = serve([(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n7\r\n{\"a\":1}\r\n" + tail, "hang")])
     with pytest.raises(UpstreamError, match="framing is over its limits"):
