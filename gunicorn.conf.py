@@ -173,6 +173,11 @@ bind = f"{os.environ.get('HOST', '127.0.0.1')}:{os.environ.get('PORT', '8080')}"
 worker_class = GatewayWorker
 # memory:// rate limits are exact only with one worker; more workers need [limits].storage_uri = "redis://...".
 workers = int(os.environ.get("WORKERS", "1"))
+# With several workers each binds its own listening socket with SO_REUSEPORT (gunicorn does this per worker when
+# reuse_port is set), and the kernel spreads new connections over them by their addresses. On one shared socket
+# the worker that happened to be awake took whole bursts: once all 16 of a client's keep-alive connections, the
+# other worker serving nothing (docs/performance.md, the Redis goal).
+reuse_port = workers > 1
 # The default (1000) is the most simultaneous clients per worker; the 1001st, /health included, would hang.
 worker_connections = int(os.environ.get("WORKER_CONNECTIONS", "10000"))
 timeout = 30
