@@ -63,3 +63,12 @@ def test_shared_errors_stream_writes_where_gunicorns_does(monkeypatch) -> None:
     assert env_a["wsgi.errors"].streams == expected["wsgi.errors"].streams == [sys.stderr, file_sink]
     env_a["wsgi.errors"].write("oops\n")
     assert sys.stderr.parts == ["oops\n"] and file_sink.parts == ["oops\n"] and stderr_sink.parts == []
+
+
+def test_several_workers_listen_on_sockets_of_their_own(monkeypatch) -> None:
+    # gunicorn then binds one SO_REUSEPORT socket per worker (its arbiter skips the shared one), and the kernel
+    # spreads new connections over them; one worker keeps gunicorn's single shared socket.
+    monkeypatch.setenv("WORKERS", "2")
+    assert _conf().reuse_port is True
+    monkeypatch.setenv("WORKERS", "1")
+    assert _conf().reuse_port is False
