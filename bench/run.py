@@ -90,11 +90,11 @@ class Gateway:
         if stall_monitor:
             env["BENCH_STALL_FILE"] = str(self.stall_file)
             conf = str(harness.BENCH / "gunicorn_stall.py")
-        spec = "app:create_app()"
+        app = ["app:create_app()"]
         if floor:  # bench/floor_app.py: the same app and settings, answered by a first hook of the bench's
             env["BENCH_FLOOR"] = floor
-            spec = f"--pythonpath={harness.BENCH}", "floor_app:create_app()"
-        self.proc = start([GUNICORN, "-c", conf, *([spec] if isinstance(spec, str) else spec)], self.log, env)
+            app = [f"--pythonpath={harness.BENCH}", "floor_app:create_app()"]
+        self.proc = start([GUNICORN, "-c", conf, *app], self.log, env)
         harness.wait_ready(self.proc, self.port, "/health", self.log, "the gateway (gunicorn)")
         self.pids = harness.children(self.proc.pid, workers)
 
@@ -369,11 +369,7 @@ class Bench:
         for floor, label in FLOORS.items():
             gw = Gateway(self, f"peers-floor-{floor}", floor=floor)
             try:
-                for _ in range(20):
-                    status, body, _ = request("POST", gw.port, "/v1/chat/completions", PLAIN.encode(),
-                                              {"Content-Type": "application/json"}, timeout=10)
-                    if status != 200 or b"Hello from the bench upstream!" not in body:
-                        raise BenchError(f"the {floor} floor answered {status}: {body[:300]!r}; log {gw.log}")
+                self.check_relays(gw.port, {}, f"the {floor} floor", gw.log)
                 tree = [gw.proc.pid] + gw.pids
                 peers_out["servers"][f"floor_{floor}"] = {"label": label, "pids": len(tree)}
                 for conns in steps:
@@ -409,12 +405,17 @@ class Bench:
                 peer.stop()
 
     def warm_peer(self, peer: peers.Peer) -> None:
+        self.check_relays(peer.port, {"Authorization": f"Bearer {peer.key}", **peer.extra_headers()}, peer.name,
+                          peer.log)
+
+    @staticmethod
+    def check_relays(port: int, headers: dict[str, str], what: str, log: Path) -> None:
         """Twenty requests, each checked to be the fake upstream's answer relayed, before measuring."""
-        headers = {"Authorization": f"Bearer {peer.key}", "Content-Type": "application/json", **peer.extra_headers()}
+        headers = {"Content-Type": "application/json", **headers}
         for _ in range(20):
-            status, body, _ = request("POST", peer.port, "/v1/chat/completions", PLAIN.encode(), headers, timeout=30)
+            status, body, _ = request("POST", port, "/v1/chat/completions", PLAIN.encode(), headers, timeout=30)
             if status != 200 or b"Hello from the bench upstream!" not in body:
-                raise BenchError(f"{peer.name} answered {status}: {body[:300]!r}; log {peer.log}")
+                raise BenchError(f"{what} answered {status}: {body[:300]!r}; log {log}")
 
     def run_redis(self) -> None:
         """WORKERS=2 with Redis-backed limits (a key with limits that never bind), 16 connections."""
